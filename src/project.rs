@@ -1,0 +1,251 @@
+//! The compiled project: the immutable model the engine runs.
+//!
+//! Built only by `check::compile`. Every name is resolved to an index,
+//! every template and schema is compiled, every default is filled in. The
+//! engine never sees an unresolved name or re-validates configuration.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonschema::Validator;
+use regex::Regex;
+
+pub use crate::spec::HttpMethod;
+use crate::template::{ExpressionId, TemplateId, Templates, ValueTemplate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IntentId(pub u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(pub u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u32);
+
+#[derive(Debug)]
+pub struct CompiledProject {
+    /// The project directory it was loaded from.
+    pub dir: PathBuf,
+    pub intents: Vec<Intent>,
+    pub classifier: Classifier,
+    pub services: Vec<Service>,
+    pub flows: Vec<Flow>,
+    /// The flow each intent runs, indexed by `IntentId`; intents without a
+    /// flow of their own run the fallback intent's flow.
+    pub flow_for_intent: Vec<FlowId>,
+    /// Payload field names never written to a log: the project's `redact`
+    /// list plus every response-schema property marked `x-sensitive: true`.
+    pub redact: BTreeSet<String>,
+    pub defaults: Defaults,
+    pub templates: Templates,
+    /// `schemas/orchestrate_request.schema.json`, when the project has one.
+    pub request_schema: Option<Arc<Validator>>,
+    /// Hash of every file the project was built from.
+    pub content_hash: String,
+}
+
+impl CompiledProject {
+    pub fn intent(&self, id: IntentId) -> &Intent {
+        &self.intents[id.0 as usize]
+    }
+
+    pub fn service(&self, id: ServiceId) -> &Service {
+        &self.services[id.0 as usize]
+    }
+
+    pub fn flow(&self, id: FlowId) -> &Flow {
+        &self.flows[id.0 as usize]
+    }
+
+    pub fn flow_for(&self, intent: IntentId) -> &Flow {
+        self.flow(self.flow_for_intent[intent.0 as usize])
+    }
+
+    pub fn intent_by_name(&self, name: &str) -> Option<IntentId> {
+        self.intents
+            .iter()
+            .position(|intent| intent.name == name)
+            .map(|index| IntentId(index as u32))
+    }
+}
+
+#[derive(Debug)]
+pub struct Intent {
+    pub name: String,
+    pub description: String,
+    pub examples: Vec<String>,
+    /// Lower-cased, with runs of whitespace collapsed.
+    pub keywords: Vec<String>,
+    pub entities: Vec<Entity>,
+}
+
+#[derive(Debug)]
+pub struct Entity {
+    pub name: String,
+    pub pattern: Regex,
+}
+
+#[derive(Debug)]
+pub struct Classifier {
+    pub llm: LlmSettings,
+    pub min_confidence: f64,
+    pub fallback: IntentId,
+}
+
+#[derive(Debug)]
+pub struct LlmSettings {
+    pub model: String,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";
+pub const DEFAULT_LLM_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.5;
+pub const DEFAULT_SERVICE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+pub struct Service {
+    pub name: String,
+    /// `None` when the URL is empty: the service runs on its mock (outside
+    /// production).
+    pub url: Option<url::Url>,
+    /// The environment variable the URL comes from, for messages such as
+    /// "MENU_SERVICE_URL is not set".
+    pub url_variable: Option<String>,
+    pub method: HttpMethod,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub retry: Option<RetryPolicy>,
+    pub unwrap_first: bool,
+    pub response_schema: Option<ResponseSchema>,
+    pub mock: Option<Mock>,
+}
+
+impl fmt::Debug for Service {
+    // Header values may hold secrets: only their names are shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("url", &self.url.as_ref().map(url::Url::as_str))
+            .field("method", &self.method)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .field("unwrap_first", &self.unwrap_first)
+            .field("response_schema", &self.response_schema)
+            .field("mock", &self.mock.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Total attempts, including the first; at least 2.
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+pub struct ResponseSchema {
+    /// File name under `schemas/`.
+    pub file: String,
+    pub validator: Arc<Validator>,
+}
+
+impl fmt::Debug for ResponseSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseSchema")
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mock {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+#[derive(Debug)]
+pub struct Flow {
+    pub name: String,
+    pub steps: Vec<Step>,
+    /// Runs when a call without its own `on_error` fails; ends with a reply.
+    pub on_error: Option<Vec<Step>>,
+}
+
+/// Where a step was written, for coverage and error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSource {
+    pub file: PathBuf,
+    pub line: u32,
+    pub column: u32,
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub id: Option<String>,
+    pub condition: Option<ExpressionId>,
+    /// Steps run when `condition` is false.
+    pub otherwise: Vec<Step>,
+    pub action: Action,
+    pub source: StepSource,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Call(Call),
+    Reply(Reply),
+    Set(Vec<(String, ValueTemplate)>),
+    Then(Vec<Step>),
+    Switch(Switch),
+    /// Calls run at the same time; each has an id.
+    Parallel(Vec<Step>),
+    Foreach(Foreach),
+}
+
+#[derive(Debug)]
+pub struct Call {
+    pub service: ServiceId,
+    pub body: Option<ValueTemplate>,
+    /// Ends with a reply.
+    pub on_error: Option<Vec<Step>>,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub text: TemplateId,
+    pub route: String,
+    pub data: Option<ValueTemplate>,
+    pub decision: String,
+}
+
+#[derive(Debug)]
+pub struct Switch {
+    pub value: ExpressionId,
+    pub cases: Vec<(String, Vec<Step>)>,
+    pub default: Vec<Step>,
+}
+
+#[derive(Debug)]
+pub struct Foreach {
+    pub list: ExpressionId,
+    pub binding: String,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug)]
+pub struct Defaults {
+    pub error_reply: TemplateId,
+    /// `None`: the failed flow's name is the route.
+    pub error_route: Option<String>,
+}
+
+pub const DEFAULT_ERROR_REPLY: &str =
+    "Sorry, something went wrong on our side. Please try again in a moment.";

@@ -1,0 +1,246 @@
+//! The minijinja environment of a project, and typed rendering of values.
+//!
+//! Every template and expression of a project is compiled once, when the
+//! project is checked, and kept in a `Templates` value owned by the compiled
+//! project. At run time a template is found by index; nothing is parsed or
+//! compiled on a request.
+//!
+//! The typed body rule: a string that is exactly one `{{ expr }}` is an
+//! expression and keeps its JSON type; any other string renders as text.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::LazyLock;
+
+use minijinja::{Environment, Error, Expression, Template, UndefinedBehavior, Value};
+use regex::Regex;
+
+/// Instructions one render may execute before it is stopped, so that no
+/// template can spin forever.
+pub const TEMPLATE_FUEL: u64 = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TemplateId(u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExpressionId(u32);
+
+/// A value whose strings are templates, compiled.
+#[derive(Debug, Clone)]
+pub enum ValueTemplate {
+    /// No template inside: used as it is.
+    Literal(serde_json::Value),
+    /// A lone `{{ expr }}`: keeps the expression's type.
+    Expression(ExpressionId),
+    /// Any other string containing template syntax: renders as text.
+    Text(TemplateId),
+    List(Vec<ValueTemplate>),
+    Map(Vec<(String, ValueTemplate)>),
+}
+
+fn new_environment() -> Environment<'static> {
+    let mut environment = Environment::new();
+    environment.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+    environment.set_fuel(Some(TEMPLATE_FUEL));
+    environment.set_recursion_limit(64);
+    environment.set_debug(true);
+    environment
+}
+
+/// Names minijinja defines globally; templates may use them freely.
+pub fn is_global_name(name: &str) -> bool {
+    matches!(
+        name,
+        "range" | "dict" | "namespace" | "debug" | "lipsum" | "cycler" | "joiner" | "none" | "true"
+            | "false" | "loop"
+    )
+}
+
+/// What the static checks need to know about one compiled template.
+#[derive(Debug)]
+pub struct Analysis {
+    /// Variables read from the context, as dotted paths (`placed.order_id`).
+    pub variables: HashSet<String>,
+}
+
+/// Collects templates while a project is checked.
+pub struct TemplatesBuilder {
+    environment: Environment<'static>,
+    template_count: u32,
+    expression_sources: Vec<String>,
+}
+
+impl fmt::Debug for TemplatesBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TemplatesBuilder")
+            .field("templates", &self.template_count)
+            .field("expressions", &self.expression_sources.len())
+            .finish()
+    }
+}
+
+impl Default for TemplatesBuilder {
+    fn default() -> Self {
+        TemplatesBuilder {
+            environment: new_environment(),
+            template_count: 0,
+            expression_sources: Vec::new(),
+        }
+    }
+}
+
+fn template_name(index: u32) -> String {
+    format!("template-{index}")
+}
+
+impl TemplatesBuilder {
+    /// Compiles a text template.
+    pub fn add_template(&mut self, source: &str) -> Result<(TemplateId, Analysis), Error> {
+        let index = self.template_count;
+        let name = template_name(index);
+        self.environment
+            .add_template_owned(name.clone(), source.to_owned())?;
+        let template = self.environment.get_template(&name)?;
+        let variables = template.undeclared_variables(true);
+        self.template_count += 1;
+        Ok((TemplateId(index), Analysis { variables }))
+    }
+
+    /// Compiles an expression (the text of an `if:`, or a lone `{{ expr }}`).
+    pub fn add_expression(&mut self, source: &str) -> Result<(ExpressionId, Analysis), Error> {
+        let expression = self.environment.compile_expression(source)?;
+        let variables = expression.undeclared_variables(true);
+        let index = u32::try_from(self.expression_sources.len()).unwrap_or(u32::MAX);
+        self.expression_sources.push(source.to_owned());
+        Ok((ExpressionId(index), Analysis { variables }))
+    }
+
+    pub fn finish(self) -> Result<Templates, Error> {
+        let template_count = self.template_count;
+        let expression_sources = self.expression_sources;
+        let cell = TemplateCell::try_new(self.environment, |environment| {
+            let templates = (0..template_count)
+                .map(|index| environment.get_template(&template_name(index)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let expressions = expression_sources
+                .into_iter()
+                .map(|source| environment.compile_expression_owned(source))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, Error>(Compiled {
+                templates,
+                expressions,
+            })
+        })?;
+        Ok(Templates { cell })
+    }
+}
+
+struct Compiled<'environment> {
+    templates: Vec<Template<'environment, 'environment>>,
+    expressions: Vec<Expression<'environment, 'static>>,
+}
+
+self_cell::self_cell!(
+    struct TemplateCell {
+        owner: Environment<'static>,
+        #[not_covariant]
+        dependent: Compiled,
+    }
+);
+
+/// Every compiled template and expression of a project.
+pub struct Templates {
+    cell: TemplateCell,
+}
+
+impl fmt::Debug for Templates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.cell.with_dependent(|_, compiled| {
+            f.debug_struct("Templates")
+                .field("templates", &compiled.templates.len())
+                .field("expressions", &compiled.expressions.len())
+                .finish()
+        })
+    }
+}
+
+impl Templates {
+    pub fn render(&self, id: TemplateId, context: &Value) -> Result<String, Error> {
+        self.cell.with_dependent(|_, compiled| {
+            match compiled.templates.get(id.0 as usize) {
+                Some(template) => template.render(context),
+                None => Err(missing(id.0)),
+            }
+        })
+    }
+
+    pub fn evaluate(&self, id: ExpressionId, context: &Value) -> Result<Value, Error> {
+        self.cell.with_dependent(|_, compiled| {
+            match compiled.expressions.get(id.0 as usize) {
+                Some(expression) => expression.eval(context),
+                None => Err(missing(id.0)),
+            }
+        })
+    }
+
+    /// Renders a value template to JSON by the typed body rule.
+    pub fn render_value(
+        &self,
+        value: &ValueTemplate,
+        context: &Value,
+    ) -> Result<serde_json::Value, Error> {
+        Ok(match value {
+            ValueTemplate::Literal(literal) => literal.clone(),
+            ValueTemplate::Text(id) => serde_json::Value::String(self.render(*id, context)?),
+            ValueTemplate::Expression(id) => {
+                let value = self.evaluate(*id, context)?;
+                if value.is_undefined() {
+                    return Err(Error::new(
+                        minijinja::ErrorKind::UndefinedError,
+                        "the expression is undefined",
+                    ));
+                }
+                serde_json::to_value(&value).map_err(|error| {
+                    Error::new(minijinja::ErrorKind::BadSerialization, error.to_string())
+                })?
+            }
+            ValueTemplate::List(items) => serde_json::Value::Array(
+                items
+                    .iter()
+                    .map(|item| self.render_value(item, context))
+                    .collect::<Result<_, _>>()?,
+            ),
+            ValueTemplate::Map(entries) => serde_json::Value::Object(
+                entries
+                    .iter()
+                    .map(|(key, value)| Ok((key.clone(), self.render_value(value, context)?)))
+                    .collect::<Result<_, Error>>()?,
+            ),
+        })
+    }
+}
+
+fn missing(index: u32) -> Error {
+    Error::new(
+        minijinja::ErrorKind::InvalidOperation,
+        format!("no compiled template {index}"),
+    )
+}
+
+/// The expression inside a string that is exactly one `{{ expr }}`, if it is one.
+pub fn lone_expression(text: &str) -> Option<&str> {
+    static LONE: LazyLock<Regex> = LazyLock::new(|| {
+        #[allow(clippy::expect_used)]
+        Regex::new(r"(?s)^\s*\{\{[-+]?(.*?)[-+]?\}\}\s*$").expect("the lone-expression pattern is valid")
+    });
+    let inner = LONE.captures(text)?.get(1)?.as_str();
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+/// Whether a string contains any template syntax at all.
+pub fn has_template_syntax(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%") || text.contains("{#")
+}
