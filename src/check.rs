@@ -73,6 +73,7 @@ pub fn compile(loaded: LoadedProject) -> Checked {
         sources,
         diagnostics,
         unparsed_names,
+        complete,
     } = loaded;
     let mut checker = Checker {
         dir: &dir,
@@ -83,6 +84,8 @@ pub fn compile(loaded: LoadedProject) -> Checked {
         hashed_files: BTreeMap::new(),
         schemas: HashMap::new(),
         redact: BTreeSet::new(),
+        service_schema_files: HashMap::new(),
+        complete,
     };
     for file in &files {
         if let Some(text) = sources.get(&file.path) {
@@ -121,6 +124,12 @@ struct Checker<'a> {
     /// Schema files by name; `None` when the file is broken (already reported).
     schemas: HashMap<String, Option<SchemaFile>>,
     redact: BTreeSet<String>,
+    /// Response schema file of each service, by service name, whether or not
+    /// the service itself compiled: its paths are still checked.
+    service_schema_files: HashMap<String, String>,
+    /// Whether every file parsed; project-wide "something is missing"
+    /// checks run only then.
+    complete: bool,
 }
 
 /// A definition and the file it is in.
@@ -180,7 +189,12 @@ impl<'a> Checker<'a> {
         Location::new(file, spanned.position, width)
     }
 
-    fn error(&mut self, code: Code, location: Location, message: impl Into<String>) -> &mut Diagnostic {
+    fn error(
+        &mut self,
+        code: Code,
+        location: Location,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.diagnostics
             .push(Diagnostic::error(code, location, message));
         let last = self.diagnostics.len() - 1;
@@ -203,8 +217,10 @@ impl<'a> Checker<'a> {
             }
         }
 
-        let compiled_intents: Vec<project::Intent> =
-            intents.iter().map(|intent| self.compile_intent(intent)).collect();
+        let compiled_intents: Vec<project::Intent> = intents
+            .iter()
+            .map(|intent| self.compile_intent(intent))
+            .collect();
         let intent_ids: HashMap<&str, IntentId> = intents
             .iter()
             .enumerate()
@@ -231,8 +247,7 @@ impl<'a> Checker<'a> {
             for (intent_name, intent_id) in &triggers {
                 if let Some((_, first)) = flow_of_intent.get(intent_id) {
                     let related = self.location(first.file, first.name, first.name.value.len());
-                    let location =
-                        self.location(flow.file, intent_name, intent_name.value.len());
+                    let location = self.location(flow.file, intent_name, intent_name.value.len());
                     self.push(
                         Diagnostic::error(
                             Code::IntentWithSeveralFlows,
@@ -243,7 +258,9 @@ impl<'a> Checker<'a> {
                             ),
                         )
                         .with_related(related, "the flow it already triggers")
-                        .with_hint("an intent triggers one flow; use `if` or `switch` inside it to branch"),
+                        .with_hint(
+                            "an intent triggers one flow; use `if` or `switch` inside it to branch",
+                        ),
                     );
                 } else {
                     flow_of_intent.insert(*intent_id, (flow_id, flow));
@@ -260,7 +277,12 @@ impl<'a> Checker<'a> {
                         .collect(),
                 )
             };
-            compiled_flows.push(self.compile_flow(flow, entities, &service_ids, &compiled_services));
+            compiled_flows.push(self.compile_flow(
+                flow,
+                entities,
+                &service_ids,
+                &compiled_services,
+            ));
         }
 
         let mut flow_for_intent = Vec::with_capacity(intents.len());
@@ -268,7 +290,7 @@ impl<'a> Checker<'a> {
             .as_ref()
             .and_then(|classifier| flow_of_intent.get(&classifier.fallback))
             .map(|(flow_id, _)| *flow_id);
-        if let (Some(classifier), None) = (&classifier, fallback_flow) {
+        if let (Some(classifier), None, true) = (&classifier, fallback_flow, self.complete) {
             let fallback = &intents[classifier.fallback.0 as usize];
             let location = self.location(fallback.file, fallback.name, fallback.name.value.len());
             self.push(
@@ -288,7 +310,7 @@ impl<'a> Checker<'a> {
             match flow_of_intent.get(&id) {
                 Some((flow_id, _)) => flow_for_intent.push(*flow_id),
                 None => {
-                    if classifier.as_ref().is_some_and(|c| c.fallback != id) {
+                    if self.complete && classifier.as_ref().is_some_and(|c| c.fallback != id) {
                         let location =
                             self.location(intent.file, intent.name, intent.name.value.len());
                         self.push(
@@ -357,7 +379,8 @@ impl<'a> Checker<'a> {
         for file in files {
             for (name, spec) in section(&file.spec) {
                 if let Some((first_file, first_name)) = seen.get(name.value.as_str()) {
-                    let related = Location::new(*first_file, first_name.position, first_name.value.len());
+                    let related =
+                        Location::new(*first_file, first_name.position, first_name.value.len());
                     let location = Location::new(&file.path, name.position, name.value.len());
                     self.push(
                         Diagnostic::error(
@@ -366,7 +389,9 @@ impl<'a> Checker<'a> {
                             format!("{kind} `{}` is defined twice", name.value),
                         )
                         .with_related(related, "first defined here")
-                        .with_hint(format!("{kind} names are unique across the project; rename or remove one")),
+                        .with_hint(format!(
+                            "{kind} names are unique across the project; rename or remove one"
+                        )),
                     );
                     continue;
                 }
@@ -420,14 +445,19 @@ impl<'a> Checker<'a> {
                     pattern,
                 }),
                 Err(error) => {
-                    let location = self.location(intent.file, &entity.pattern, entity.pattern.value.len());
+                    let location =
+                        self.location(intent.file, &entity.pattern, entity.pattern.value.len());
                     self.push(
                         Diagnostic::error(
                             Code::InvalidRegex,
                             location,
-                            format!("invalid regular expression for entity `{}`", name.value),
+                            format!(
+                                "invalid regular expression for entity `{}`: {}",
+                                name.value,
+                                regex_error_summary(&error)
+                            ),
                         )
-                        .with_hint(first_line(&error.to_string())),
+                        .with_hint("patterns use Rust `regex` syntax, e.g. '\\bORD-\\d+\\b'; quote them with single quotes in YAML"),
                     );
                 }
             }
@@ -449,7 +479,13 @@ impl<'a> Checker<'a> {
             keywords: spec
                 .keywords
                 .iter()
-                .map(|k| k.value.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase())
+                .map(|k| {
+                    k.value
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .to_lowercase()
+                })
                 .filter(|k| !k.is_empty())
                 .collect(),
             entities,
@@ -463,6 +499,9 @@ impl<'a> Checker<'a> {
         intent_ids: &HashMap<&str, IntentId>,
     ) -> Option<project::Classifier> {
         let Some((file, classifier)) = classifier else {
+            if !self.complete {
+                return None;
+            }
             let file = files
                 .iter()
                 .find(|file| !file.spec.intents.is_empty())
@@ -486,7 +525,10 @@ impl<'a> Checker<'a> {
                 self.error(
                     Code::InvalidValue,
                     location,
-                    format!("`min_confidence` is {}; it must be between 0 and 1", value.value),
+                    format!(
+                        "`min_confidence` is {}; it must be between 0 and 1",
+                        value.value
+                    ),
                 );
                 project::DEFAULT_MIN_CONFIDENCE
             }
@@ -535,7 +577,9 @@ impl<'a> Checker<'a> {
                     location,
                     format!("unknown intent `{}`", name.value),
                 )
-                .with_optional_hint(hint.or_else(|| Some(known_names("intents", intent_ids.keys().copied())))),
+                .with_optional_hint(
+                    hint.or_else(|| Some(known_names("intents", intent_ids.keys().copied()))),
+                ),
             );
         }
         None
@@ -547,7 +591,11 @@ impl<'a> Checker<'a> {
             Ok(duration) if !duration.is_zero() => Some(duration),
             Ok(_) => {
                 let location = self.location(file, text, text.value.len());
-                self.error(Code::InvalidDuration, location, "a duration must be greater than zero");
+                self.error(
+                    Code::InvalidDuration,
+                    location,
+                    "a duration must be greater than zero",
+                );
                 None
             }
             Err(error) => {
@@ -565,10 +613,17 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn compile_service(&mut self, service: &Defined<'_, spec::Service>) -> Option<project::Service> {
+    fn compile_service(
+        &mut self,
+        service: &Defined<'_, spec::Service>,
+    ) -> Option<project::Service> {
         let spec = service.spec;
         let file = service.file;
         let mut ok = true;
+        if let Some(schema) = spec.response.as_ref().and_then(|r| r.value.schema.as_ref()) {
+            self.service_schema_files
+                .insert(service.name.value.clone(), schema.value.trim().to_owned());
+        }
         let (url, url_variable) = match &spec.url {
             Some(text) => {
                 let variable = self.variable_at(file, text.position);
@@ -586,9 +641,15 @@ impl<'a> Checker<'a> {
                                 Diagnostic::error(
                                     Code::InvalidUrl,
                                     location,
-                                    format!("`{}` is not an http(s) URL (scheme `{}`)", trimmed, url.scheme()),
+                                    format!(
+                                        "`{}` is not an http(s) URL (scheme `{}`)",
+                                        trimmed,
+                                        url.scheme()
+                                    ),
                                 )
-                                .with_hint("service URLs look like `http://menu.internal:8080/menu`"),
+                                .with_hint(
+                                    "service URLs look like `http://menu.internal:8080/menu`",
+                                ),
                             );
                             ok = false;
                             (None, variable)
@@ -601,7 +662,9 @@ impl<'a> Checker<'a> {
                                     location,
                                     format!("invalid URL `{trimmed}`: {error}"),
                                 )
-                                .with_hint("service URLs look like `http://menu.internal:8080/menu`"),
+                                .with_hint(
+                                    "service URLs look like `http://menu.internal:8080/menu`",
+                                ),
                             );
                             ok = false;
                             (None, variable)
@@ -634,7 +697,8 @@ impl<'a> Checker<'a> {
                     Some(text) => self.duration(file, text),
                     None => Some(project::DEFAULT_RETRY_BACKOFF),
                 };
-                (attempts > 1).then_some(backoff.map(|backoff| project::RetryPolicy { attempts, backoff }))
+                (attempts > 1)
+                    .then_some(backoff.map(|backoff| project::RetryPolicy { attempts, backoff }))
             }
             None => Some(None),
         };
@@ -646,10 +710,9 @@ impl<'a> Checker<'a> {
                     .as_ref()
                     .is_some_and(|unwrap| unwrap.value == spec::Unwrap::First);
                 let schema = match &response.value.schema {
-                    Some(name) => match self.schema_file(file, name) {
-                        Some(schema) => Some(Some((name.value.trim().to_owned(), schema))),
-                        None => None,
-                    },
+                    Some(name) => self
+                        .schema_file(file, name)
+                        .map(|schema| Some((name.value.trim().to_owned(), schema))),
                     None => Some(None),
                 };
                 (unwrap_first, schema)
@@ -657,7 +720,16 @@ impl<'a> Checker<'a> {
             None => (false, Some(None)),
         };
         let mock = match &spec.mock {
-            Some(mock) => self.compile_mock(file, &service.name.value, mock, unwrap_first, response_schema.as_ref().and_then(|s| s.as_ref()).map(|(_, s)| s)),
+            Some(mock) => self.compile_mock(
+                file,
+                &service.name.value,
+                mock,
+                unwrap_first,
+                response_schema
+                    .as_ref()
+                    .and_then(|s| s.as_ref())
+                    .map(|(_, s)| s),
+            ),
             None => Some(None),
         };
         let mut headers = Vec::new();
@@ -681,7 +753,10 @@ impl<'a> Checker<'a> {
             name: service.name.value.clone(),
             url,
             url_variable,
-            method: spec.method.as_ref().map_or(spec::HttpMethod::Post, |m| m.value),
+            method: spec
+                .method
+                .as_ref()
+                .map_or(spec::HttpMethod::Post, |m| m.value),
             headers,
             timeout: timeout?,
             retry: retry?,
@@ -723,7 +798,11 @@ impl<'a> Checker<'a> {
         let status = spec.status.as_ref().map_or(200, |status| status.value);
         if !(100..=599).contains(&status) {
             let location = self.location(file, mock, 1);
-            self.error(Code::InvalidValue, location, format!("mock status {status} is not an HTTP status"));
+            self.error(
+                Code::InvalidValue,
+                location,
+                format!("mock status {status} is not an HTTP status"),
+            );
             return None;
         }
         let (body, body_location) = match (&spec.file, &spec.response) {
@@ -762,13 +841,13 @@ impl<'a> Checker<'a> {
             (None, Some(response)) => (response.value.to_json(), self.location(file, response, 1)),
             _ => {
                 let location = self.location(file, mock, 1);
-                self.push(
-                    Diagnostic::error(
-                        Code::InvalidValue,
-                        location,
-                        format!("the mock of service `{service}` needs exactly one of `file` or `response`"),
+                self.push(Diagnostic::error(
+                    Code::InvalidValue,
+                    location,
+                    format!(
+                        "the mock of service `{service}` needs exactly one of `file` or `response`"
                     ),
-                );
+                ));
                 return None;
             }
         };
@@ -838,7 +917,9 @@ impl<'a> Checker<'a> {
                     })
                     .unwrap_or_default();
                 let hint = did_you_mean(file_name, known.iter().map(String::as_str))
-                    .unwrap_or_else(|| format!("schema files live in `{SCHEMAS_DIR}/` of the project"));
+                    .unwrap_or_else(|| {
+                        format!("schema files live in `{SCHEMAS_DIR}/` of the project")
+                    });
                 self.push(
                     Diagnostic::error(
                         Code::SchemaMissing,
@@ -880,7 +961,9 @@ impl<'a> Checker<'a> {
                         error.instance_path()
                     ),
                 )
-                .with_hint("schemas are JSON Schema, draft 2020-12 unless `$schema` says otherwise"),
+                .with_hint(
+                    "schemas are JSON Schema, draft 2020-12 unless `$schema` says otherwise",
+                ),
             );
             return None;
         }
@@ -893,7 +976,10 @@ impl<'a> Checker<'a> {
                 self.push(Diagnostic::error(
                     Code::SchemaInvalid,
                     Location::file(&relative),
-                    format!("schema `{}` cannot be compiled: {error}", relative.display()),
+                    format!(
+                        "schema `{}` cannot be compiled: {error}",
+                        relative.display()
+                    ),
                 ));
                 return None;
             }
@@ -929,10 +1015,26 @@ impl<'a> Checker<'a> {
                 self.error(
                     Code::MisplacedKey,
                     location,
-                    format!("flow `{}` has both `intent` and `intents`; keep one", flow.name.value),
+                    format!(
+                        "flow `{}` has both `intent` and `intents`; keep one",
+                        flow.name.value
+                    ),
                 );
             }
-            (None, None) => {}
+            (None, None) => {
+                let location = self.location(flow.file, flow.name, flow.name.value.len());
+                self.push(
+                    Diagnostic::warning(
+                        Code::FlowWithoutIntent,
+                        location,
+                        format!(
+                            "flow `{}` has no `intent`, so nothing runs it",
+                            flow.name.value
+                        ),
+                    )
+                    .with_hint("add `intent: <name>` (or `intents: [a, b]`), or remove the flow"),
+                );
+            }
         }
         names
             .into_iter()
@@ -968,7 +1070,10 @@ impl<'a> Checker<'a> {
                         Diagnostic::error(
                             Code::DuplicateName,
                             location,
-                            format!("step id `{}` is used twice in flow `{}`", id.value, flow.name.value),
+                            format!(
+                                "step id `{}` is used twice in flow `{}`",
+                                id.value, flow.name.value
+                            ),
                         )
                         .with_related(related, "first used here"),
                     );
@@ -980,7 +1085,10 @@ impl<'a> Checker<'a> {
                     self.error(
                         Code::InvalidValue,
                         location,
-                        format!("step id `{}` would hide the context variable of that name", id.value),
+                        format!(
+                            "step id `{}` would hide the context variable of that name",
+                            id.value
+                        ),
                     );
                 }
                 step_ids.insert(id.value.clone());
@@ -993,7 +1101,8 @@ impl<'a> Checker<'a> {
             entities,
         };
         let mut scope = Scope::default();
-        let steps = self.compile_steps(&spec.steps.value, &mut scope, &facts, service_ids, services);
+        let steps =
+            self.compile_steps(&spec.steps.value, &mut scope, &facts, service_ids, services);
         if !steps.replies {
             let location = self.location(flow.file, flow.name, flow.name.value.len());
             self.push(
@@ -1002,7 +1111,9 @@ impl<'a> Checker<'a> {
                     location,
                     format!("flow `{}` can end without a reply", flow.name.value),
                 )
-                .with_hint("end every path with a `reply` step (an `if` without `else` may be skipped)"),
+                .with_hint(
+                    "end every path with a `reply` step (an `if` without `else` may be skipped)",
+                ),
             );
         }
         let on_error = spec.on_error.as_ref().map(|on_error| {
@@ -1074,11 +1185,14 @@ impl<'a> Checker<'a> {
                     .with_hint("remove it, or put an `if` on the reply before it"),
                 );
             }
-            if let Some((step, step_replies)) =
-                self.compile_step(step, scope, facts, service_ids, services)
-            {
-                compiled.push(step);
-                replies |= step_replies;
+            match self.compile_step(step, scope, facts, service_ids, services) {
+                Some((step, step_replies)) => {
+                    compiled.push(step);
+                    replies |= step_replies;
+                }
+                // Already reported; an unconditional reply still ends the
+                // path, so the flow is not reported again as missing one.
+                None => replies |= step.value.reply.is_some() && step.value.condition.is_none(),
             }
         }
         CompiledSteps {
@@ -1130,7 +1244,11 @@ impl<'a> Checker<'a> {
                         Location::new(file, step.position, 1),
                         format!(
                             "a step does one thing, this one has {}",
-                            several.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" and ")
+                            several
+                                .iter()
+                                .map(|k| format!("`{k}`"))
+                                .collect::<Vec<_>>()
+                                .join(" and ")
                         ),
                     )
                     .with_hint("split it into one step per action"),
@@ -1148,7 +1266,13 @@ impl<'a> Checker<'a> {
         // `else` runs with the scope from before the step.
         let otherwise = spec.otherwise.as_ref().map(|otherwise| {
             let mut branch_scope = scope.clone();
-            self.compile_steps(&otherwise.value, &mut branch_scope, facts, service_ids, services)
+            self.compile_steps(
+                &otherwise.value,
+                &mut branch_scope,
+                facts,
+                service_ids,
+                services,
+            )
         });
         let otherwise_replies = otherwise.as_ref().is_some_and(|o| o.replies);
 
@@ -1182,20 +1306,35 @@ impl<'a> Checker<'a> {
             }
             "then" => {
                 let then = spec.then.as_ref()?;
-                let nested =
-                    self.compile_steps(&then.value, &mut action_scope, facts, service_ids, services);
+                let nested = self.compile_steps(
+                    &then.value,
+                    &mut action_scope,
+                    facts,
+                    service_ids,
+                    services,
+                );
                 (project::Action::Then(nested.steps), nested.replies)
             }
             "switch" => {
                 let expression = spec.switch.as_ref()?;
-                let value =
-                    self.compile_expression(file, expression, &expression.value, &action_scope, facts);
+                let value = self.compile_expression(
+                    file,
+                    expression,
+                    &expression.value,
+                    &action_scope,
+                    facts,
+                );
                 let mut cases = Vec::new();
                 let mut all_reply = true;
                 for (case, steps) in spec.cases.iter().flat_map(|cases| cases.value.iter()) {
                     let mut case_scope = action_scope.clone();
-                    let compiled =
-                        self.compile_steps(&steps.value, &mut case_scope, facts, service_ids, services);
+                    let compiled = self.compile_steps(
+                        &steps.value,
+                        &mut case_scope,
+                        facts,
+                        service_ids,
+                        services,
+                    );
                     all_reply &= compiled.replies;
                     cases.push((case.value.clone(), compiled.steps));
                 }
@@ -1258,9 +1397,10 @@ impl<'a> Checker<'a> {
                     if let Some((compiled, _)) =
                         self.compile_step(branch, &mut branch_scope, facts, service_ids, services)
                     {
-                        if let (Some(id), Some(binding)) =
-                            (&branch_spec.id, branch_scope.get(&branch_spec.id.as_ref()?.value))
-                        {
+                        if let (Some(id), Some(binding)) = (
+                            &branch_spec.id,
+                            branch_scope.get(&branch_spec.id.as_ref()?.value),
+                        ) {
                             bindings.push((id.value.clone(), binding.clone()));
                         }
                         calls.push(compiled);
@@ -1273,8 +1413,13 @@ impl<'a> Checker<'a> {
             }
             "foreach" => {
                 let list_text = spec.foreach.as_ref()?;
-                let list =
-                    self.compile_expression(file, list_text, &list_text.value, &action_scope, facts);
+                let list = self.compile_expression(
+                    file,
+                    list_text,
+                    &list_text.value,
+                    &action_scope,
+                    facts,
+                );
                 let binding = spec
                     .binding
                     .as_ref()
@@ -1283,8 +1428,14 @@ impl<'a> Checker<'a> {
                 body_scope.define(&binding, Binding::Any);
                 let steps = match &spec.each {
                     Some(steps) => {
-                        self.compile_steps(&steps.value, &mut body_scope, facts, service_ids, services)
-                            .steps
+                        self.compile_steps(
+                            &steps.value,
+                            &mut body_scope,
+                            facts,
+                            service_ids,
+                            services,
+                        )
+                        .steps
                     }
                     None => {
                         self.push(Diagnostic::error(
@@ -1344,25 +1495,37 @@ impl<'a> Checker<'a> {
         let spec = &step.value;
         let mut misplaced: Vec<(&str, Position, &str)> = Vec::new();
         let mut note = |key: &'static str, position: Option<Position>, owner: &'static str| {
-            if let Some(position) = position {
-                if owner != kind {
-                    misplaced.push((key, position, owner));
-                }
+            if let Some(position) = position
+                && owner != kind
+            {
+                misplaced.push((key, position, owner));
             }
         };
         note("body", spec.body.as_ref().map(|v| v.position), "call");
-        note("on_error", spec.on_error.as_ref().map(|v| v.position), "call");
+        note(
+            "on_error",
+            spec.on_error.as_ref().map(|v| v.position),
+            "call",
+        );
         note("route", spec.route.as_ref().map(|v| v.position), "reply");
         note("data", spec.data.as_ref().map(|v| v.position), "reply");
-        note("decision", spec.decision.as_ref().map(|v| v.position), "reply");
+        note(
+            "decision",
+            spec.decision.as_ref().map(|v| v.position),
+            "reply",
+        );
         note("cases", spec.cases.as_ref().map(|v| v.position), "switch");
-        note("default", spec.default.as_ref().map(|v| v.position), "switch");
+        note(
+            "default",
+            spec.default.as_ref().map(|v| v.position),
+            "switch",
+        );
         note("as", spec.binding.as_ref().map(|v| v.position), "foreach");
         note("do", spec.each.as_ref().map(|v| v.position), "foreach");
-        if let Some(id) = &spec.id {
-            if !matches!(kind, "call" | "foreach") {
-                misplaced.push(("id", id.position, "call` or `foreach"));
-            }
+        if let Some(id) = &spec.id
+            && !matches!(kind, "call" | "foreach")
+        {
+            misplaced.push(("id", id.position, "call` or `foreach"));
         }
         for (key, position, owner) in misplaced {
             self.push(
@@ -1414,22 +1577,28 @@ impl<'a> Checker<'a> {
                 None
             }
         };
-        let body = match &spec.body {
-            Some(body) => Some(self.compile_value(file, body, scope, facts)),
-            None => None,
-        };
+        let body = spec
+            .body
+            .as_ref()
+            .map(|body| self.compile_value(file, body, scope, facts));
         let on_error = match &spec.on_error {
             Some(on_error) => {
                 let mut error_scope = scope.clone();
-                Some(self.compile_on_error(on_error, &mut error_scope, facts, service_ids, services))
+                Some(self.compile_on_error(
+                    on_error,
+                    &mut error_scope,
+                    facts,
+                    service_ids,
+                    services,
+                ))
             }
             None => None,
         };
-        let schema = service
-            .and_then(|id| services.get(id.0 as usize))
-            .and_then(Option::as_ref)
-            .and_then(|service| service.response_schema.as_ref())
-            .and_then(|schema| self.schemas.get(&schema.file))
+        let _ = services;
+        let schema = self
+            .service_schema_files
+            .get(&name.value)
+            .and_then(|file| self.schemas.get(file))
             .and_then(Option::as_ref)
             .map(|schema| schema.json.clone());
         let service = service?;
@@ -1485,24 +1654,29 @@ impl<'a> Checker<'a> {
             in_on_error: true,
             ..Scope::default()
         };
-        let error_reply = match defaults.and_then(|(file, d)| Some((file, d.value.error_reply.as_ref()?))) {
-            Some((file, text)) => {
-                let facts = FlowFacts {
-                    file,
-                    name: "defaults",
-                    step_ids: HashSet::new(),
-                    entities: None,
-                };
-                self.compile_text(file, text, &scope, &facts)?
-            }
-            None => match self.templates.add_template(project::DEFAULT_ERROR_REPLY) {
-                Ok((id, _)) => id,
-                Err(error) => {
-                    self.error(Code::TemplateSyntax, Location::file(load::FLOWS_DIR), error.to_string());
-                    return None;
+        let error_reply =
+            match defaults.and_then(|(file, d)| Some((file, d.value.error_reply.as_ref()?))) {
+                Some((file, text)) => {
+                    let facts = FlowFacts {
+                        file,
+                        name: "defaults",
+                        step_ids: HashSet::new(),
+                        entities: None,
+                    };
+                    self.compile_text(file, text, &scope, &facts)?
                 }
-            },
-        };
+                None => match self.templates.add_template(project::DEFAULT_ERROR_REPLY) {
+                    Ok((id, _)) => id,
+                    Err(error) => {
+                        self.error(
+                            Code::TemplateSyntax,
+                            Location::file(load::FLOWS_DIR),
+                            error.to_string(),
+                        );
+                        return None;
+                    }
+                },
+            };
         Some(project::Defaults {
             error_reply,
             error_route: defaults
@@ -1576,7 +1750,8 @@ impl<'a> Checker<'a> {
                     }
                 } else if template::has_template_syntax(text) {
                     let spanned = Spanned::new(text.clone(), value.position);
-                    self.compile_text(file, &spanned, scope, facts).map(ValueTemplate::Text)
+                    self.compile_text(file, &spanned, scope, facts)
+                        .map(ValueTemplate::Text)
                 } else {
                     Some(ValueTemplate::Literal(Json::String(text.clone())))
                 }
@@ -1586,7 +1761,9 @@ impl<'a> Checker<'a> {
                     .iter()
                     .map(|item| self.compile_value(file, item, scope, facts))
                     .collect();
-                Some(ValueTemplate::List(compiled.into_iter().collect::<Option<_>>()?))
+                Some(ValueTemplate::List(
+                    compiled.into_iter().collect::<Option<_>>()?,
+                ))
             }
             TemplateValue::Map(entries) => {
                 let compiled: Vec<Option<(String, ValueTemplate)>> = entries
@@ -1596,33 +1773,45 @@ impl<'a> Checker<'a> {
                             .map(|value| (key.value.clone(), value))
                     })
                     .collect();
-                Some(ValueTemplate::Map(compiled.into_iter().collect::<Option<_>>()?))
+                Some(ValueTemplate::Map(
+                    compiled.into_iter().collect::<Option<_>>()?,
+                ))
             }
             other => Some(ValueTemplate::Literal(other.to_json())),
         }
     }
 
-    fn template_error(&mut self, file: &Path, position: Position, source: &str, error: &minijinja::Error) {
+    fn template_error(
+        &mut self,
+        file: &Path,
+        position: Position,
+        source: &str,
+        error: &minijinja::Error,
+    ) {
         let located = error
             .range()
             .filter(|range| range.start < source.len())
-            .map(|range| {
+            .and_then(|range| {
                 let needle_end = source[range.start..]
                     .find('\n')
                     .map_or(source.len(), |offset| range.start + offset)
                     .min(range.end.max(range.start + 1))
                     .min(source.len());
                 self.find_in_source(file, position, &source[range.start..needle_end])
-            })
-            .flatten();
-        let detail = error.detail().map(str::to_owned).unwrap_or_else(|| error.kind().to_string());
+            });
+        let detail = error
+            .detail()
+            .map(str::to_owned)
+            .unwrap_or_else(|| error.kind().to_string());
         self.push(
             Diagnostic::error(
                 Code::TemplateSyntax,
                 Location::new(file, located.unwrap_or(position), 1),
                 format!("template syntax error: {detail}"),
             )
-            .with_hint("templates use Jinja syntax: `{{ expression }}`, `{% if ... %}...{% endif %}`"),
+            .with_hint(
+                "templates use Jinja syntax: `{{ expression }}`, `{% if ... %}...{% endif %}`",
+            ),
         );
     }
 
@@ -1682,10 +1871,18 @@ impl<'a> Checker<'a> {
                 continue;
             }
             if let Some(binding) = scope.get(root) {
-                if let Binding::Response(Some(schema)) = binding {
-                    if let Err(failure) = schema_path(schema, schema, &segments[1..], 0) {
-                        self.report_path(file, position, &segments, failure.segment + 1, &failure.candidates, "the response schema of this call", Code::UnknownResponseField);
-                    }
+                if let Binding::Response(Some(schema)) = binding
+                    && let Err(failure) = schema_path(schema, schema, &segments[1..], 0)
+                {
+                    self.report_path(
+                        file,
+                        position,
+                        &segments,
+                        failure.segment + 1,
+                        &failure.candidates,
+                        "the response schema of this call",
+                        Code::UnknownResponseField,
+                    );
                 }
                 continue;
             }
@@ -1695,23 +1892,47 @@ impl<'a> Checker<'a> {
                 "intent" => {
                     if let Some(field) = segments.get(1) {
                         if !INTENT_FIELDS.contains(field) {
-                            self.report_path(file, position, &segments, 1, &candidates(INTENT_FIELDS), "`intent`", Code::UnknownVariable);
-                        } else if *field == "entities" {
-                            if let (Some(entity), Some(entities)) = (segments.get(2), &facts.entities) {
-                                if !entities.contains(*entity) {
-                                    let known: Vec<String> = entities.iter().cloned().collect();
-                                    self.report_path(file, position, &segments, 2, &known, "the entities of this flow's intents", Code::UnknownVariable);
-                                }
-                            }
+                            self.report_path(
+                                file,
+                                position,
+                                &segments,
+                                1,
+                                &candidates(INTENT_FIELDS),
+                                "`intent`",
+                                Code::UnknownVariable,
+                            );
+                        } else if *field == "entities"
+                            && let (Some(entity), Some(entities)) =
+                                (segments.get(2), &facts.entities)
+                            && !entities.contains(*entity)
+                        {
+                            let known: Vec<String> = entities.iter().cloned().collect();
+                            self.report_path(
+                                file,
+                                position,
+                                &segments,
+                                2,
+                                &known,
+                                "the entities of this flow's intents",
+                                Code::UnknownVariable,
+                            );
                         }
                     }
                     continue;
                 }
                 "error" if scope.in_on_error => {
-                    if let Some(field) = segments.get(1) {
-                        if !ERROR_FIELDS.contains(field) {
-                            self.report_path(file, position, &segments, 1, &candidates(ERROR_FIELDS), "`error`", Code::UnknownVariable);
-                        }
+                    if let Some(field) = segments.get(1)
+                        && !ERROR_FIELDS.contains(field)
+                    {
+                        self.report_path(
+                            file,
+                            position,
+                            &segments,
+                            1,
+                            &candidates(ERROR_FIELDS),
+                            "`error`",
+                            Code::UnknownVariable,
+                        );
                     }
                     continue;
                 }
@@ -1720,9 +1941,10 @@ impl<'a> Checker<'a> {
             if !reported_roots.insert(root) {
                 continue;
             }
-            let location = self
-                .find_in_source(file, position, root)
-                .map_or_else(|| Location::new(file, position, 1), |found| Location::new(file, found, root.chars().count()));
+            let location = self.find_in_source(file, position, root).map_or_else(
+                || Location::new(file, position, 1),
+                |found| Location::new(file, found, root.chars().count()),
+            );
             if facts.step_ids.contains(root) {
                 self.push(
                     Diagnostic::error(
@@ -1742,7 +1964,14 @@ impl<'a> Checker<'a> {
                 known.push("error");
             }
             let hint = did_you_mean(root, known.iter().copied()).unwrap_or_else(|| {
-                format!("variables here: {}", known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))
+                format!(
+                    "variables here: {}",
+                    known
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             });
             self.push(
                 Diagnostic::error(
@@ -1781,16 +2010,21 @@ impl<'a> Checker<'a> {
             ),
             None => Location::new(file, position, 1),
         };
-        let hint = did_you_mean(segment, candidates.iter().map(String::as_str)).unwrap_or_else(|| {
-            if candidates.is_empty() {
-                format!("{what} declares no fields here")
-            } else {
-                format!(
-                    "{what} has: {}",
-                    candidates.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
-                )
-            }
-        });
+        let hint =
+            did_you_mean(segment, candidates.iter().map(String::as_str)).unwrap_or_else(|| {
+                if candidates.is_empty() {
+                    format!("{what} declares no fields here")
+                } else {
+                    format!(
+                        "{what} has: {}",
+                        candidates
+                            .iter()
+                            .map(|c| format!("`{c}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            });
         self.push(
             Diagnostic::error(
                 code,
@@ -1814,32 +2048,44 @@ fn known_names<'n>(what: &str, names: impl Iterator<Item = &'n str>) -> String {
     } else {
         format!(
             "known {what}: {}",
-            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }
 
-fn first_line(text: &str) -> String {
-    text.lines()
+/// The last line of a regex error ("error: unclosed group"), without its prefix.
+fn regex_error_summary(error: &regex::Error) -> String {
+    let text = error.to_string();
+    let last = text
+        .lines()
         .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .last()
-        .unwrap_or(text)
-        .to_owned()
+        .rfind(|line| !line.is_empty())
+        .unwrap_or(&text);
+    last.strip_prefix("error: ").unwrap_or(last).to_owned()
 }
 
 fn reqwest_header_name_is_valid(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|byte| {
-            byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
-        })
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
 }
 
 fn collect_steps<'s>(steps: &'s [Spanned<spec::Step>], out: &mut Vec<&'s spec::Step>) {
     for step in steps {
         let spec = &step.value;
         out.push(spec);
-        let nested = [&spec.otherwise, &spec.then, &spec.default, &spec.parallel, &spec.each];
+        let nested = [
+            &spec.otherwise,
+            &spec.then,
+            &spec.default,
+            &spec.parallel,
+            &spec.each,
+        ];
         for list in nested.into_iter().flatten() {
             collect_steps(&list.value, out);
         }
@@ -1867,7 +2113,12 @@ const MAX_SCHEMA_DEPTH: usize = 32;
 /// Follows `segments` through `node` (part of `root`): `properties`,
 /// `items` for numeric segments, `anyOf` / `oneOf` / `allOf`, local `$ref`.
 /// A node that declares no properties at all accepts any path.
-fn schema_path(root: &Json, node: &Json, segments: &[&str], depth: usize) -> Result<(), PathFailure> {
+fn schema_path(
+    root: &Json,
+    node: &Json,
+    segments: &[&str],
+    depth: usize,
+) -> Result<(), PathFailure> {
     let Some(segment) = segments.first() else {
         return Ok(());
     };
@@ -1894,12 +2145,26 @@ fn schema_path(root: &Json, node: &Json, segments: &[&str], depth: usize) -> Res
     }
     let properties = object.get("properties").and_then(Json::as_object);
     if properties.is_none() && branches.is_empty() {
-        if segment.parse::<usize>().is_ok() {
-            if let Some(items) = object.get("items") {
-                return schema_path(root, items, &segments[1..], depth + 1);
-            }
+        let is_index = segment.parse::<usize>().is_ok();
+        if let (true, Some(items)) = (is_index, object.get("items")) {
+            return schema_path(root, items, &segments[1..], depth + 1);
         }
-        return Ok(());
+        // A node typed as something without fields (a string, a number)
+        // has no path below it; an object without declared properties
+        // accepts any.
+        let allows = |wanted: &str| match object.get("type") {
+            None => true,
+            Some(Json::String(kind)) => kind == wanted,
+            Some(Json::Array(kinds)) => kinds.iter().any(|kind| kind == wanted),
+            Some(_) => true,
+        };
+        if allows("object") || (is_index && allows("array")) {
+            return Ok(());
+        }
+        return Err(PathFailure {
+            segment: 0,
+            candidates: Vec::new(),
+        });
     }
     let mut candidates: Vec<String> = Vec::new();
     let mut deepest: Option<PathFailure> = None;
@@ -1969,5 +2234,49 @@ fn collect_sensitive(node: &Json, out: &mut BTreeSet<String>, depth: usize) {
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn path(schema: &Json, dotted: &str) -> Result<(), (usize, Vec<String>)> {
+        let segments: Vec<&str> = dotted.split('.').collect();
+        schema_path(schema, schema, &segments, 0).map_err(|f| (f.segment, f.candidates))
+    }
+
+    #[test]
+    fn schema_paths_follow_properties_refs_and_unions() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "order_id": {"type": "string"},
+                "output": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}}}]},
+                "customer": {"$ref": "#/$defs/customer"},
+                "lines": {"type": "array", "items": {"properties": {"sku": {}}}},
+                "extra": {"type": "object"}
+            },
+            "$defs": {"customer": {"properties": {"name": {"type": "string"}}}}
+        });
+        assert!(path(&schema, "order_id").is_ok());
+        assert!(path(&schema, "output.text").is_ok());
+        assert!(path(&schema, "customer.name").is_ok());
+        assert!(path(&schema, "lines.0.sku").is_ok());
+        assert!(path(&schema, "extra.anything.at.all").is_ok());
+        assert_eq!(path(&schema, "order_idd").unwrap_err().0, 0);
+        let (segment, candidates) = path(&schema, "customer.nme").unwrap_err();
+        assert_eq!((segment, candidates), (1, vec!["name".to_owned()]));
+        let (segment, candidates) = path(&schema, "output.txt").unwrap_err();
+        assert_eq!((segment, candidates), (1, vec!["text".to_owned()]));
+    }
+
+    #[test]
+    fn sensitive_properties_are_collected() {
+        let schema = json!({"properties": {"card": {"x-sensitive": true}, "nested": {"properties": {"pin": {"x-sensitive": true}, "ok": {}}}}});
+        let mut out = BTreeSet::new();
+        collect_sensitive(&schema, &mut out, 0);
+        assert_eq!(out.into_iter().collect::<Vec<_>>(), ["card", "pin"]);
     }
 }

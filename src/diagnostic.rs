@@ -48,6 +48,7 @@ pub enum Code {
     UnreachableStep,
     IntentWithoutFlow,
     IntentWithSeveralFlows,
+    FlowWithoutIntent,
     MissingFallback,
     UnsetEnvVar,
 }
@@ -81,6 +82,7 @@ impl Code {
             Code::UnreachableStep => "unreachable-step",
             Code::IntentWithoutFlow => "intent-without-flow",
             Code::IntentWithSeveralFlows => "intent-with-several-flows",
+            Code::FlowWithoutIntent => "flow-without-intent",
             Code::MissingFallback => "missing-fallback",
             Code::UnsetEnvVar => "unset-env-var",
         }
@@ -114,6 +116,7 @@ impl Code {
         Code::UnreachableStep,
         Code::IntentWithoutFlow,
         Code::IntentWithSeveralFlows,
+        Code::FlowWithoutIntent,
         Code::MissingFallback,
         Code::UnsetEnvVar,
     ];
@@ -232,9 +235,8 @@ pub fn did_you_mean<'a>(
 
 /// Sorts diagnostics by file, line and column, so output is stable.
 pub fn sort(diagnostics: &mut [Diagnostic]) {
-    diagnostics.sort_by(|a, b| {
-        (&a.location, a.code, &a.message).cmp(&(&b.location, b.code, &b.message))
-    });
+    diagnostics
+        .sort_by(|a, b| (&a.location, a.code, &a.message).cmp(&(&b.location, b.code, &b.message)));
 }
 
 /// Source text of the project's files, for rendering snippets.
@@ -386,10 +388,7 @@ pub fn render_github(diagnostics: &[Diagnostic], project_dir: &Path) -> String {
         } else {
             project_dir.join(&diagnostic.location.file)
         };
-        let mut properties = format!(
-            "file={}",
-            escape_property(&file.display().to_string())
-        );
+        let mut properties = format!("file={}", escape_property(&file.display().to_string()));
         if diagnostic.location.line > 0 {
             let location = &diagnostic.location;
             let _ = write!(

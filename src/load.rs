@@ -56,6 +56,10 @@ pub struct LoadedProject {
     /// Names of entries that failed to parse: references to them are not
     /// reported again.
     pub unparsed_names: HashSet<String>,
+    /// False when some file or entry could not be parsed: project-wide
+    /// checks ("the fallback intent has no flow") are then skipped, since
+    /// what is missing may be in the part that failed.
+    pub complete: bool,
 }
 
 /// Reads and parses the flow files of the project in `dir`.
@@ -66,25 +70,30 @@ pub fn load_project(dir: &Path, environment: &Environment) -> LoadedProject {
         sources: Sources::default(),
         diagnostics: Vec::new(),
         unparsed_names: HashSet::new(),
+        complete: true,
     };
     let flows_dir = dir.join(FLOWS_DIR);
     let mut paths = Vec::new();
     if let Err(error) = collect_yaml_files(&flows_dir, &flows_dir, &mut paths) {
+        project.complete = false;
         project.diagnostics.push(Diagnostic::error(
             Code::Io,
             Location::file(FLOWS_DIR),
-            format!("cannot read the flow folder `{}`: {error}", flows_dir.display()),
+            format!("cannot read the flow folder `{FLOWS_DIR}/`: {error}"),
         ));
         return project;
     }
     if paths.is_empty() {
+        project.complete = false;
         project.diagnostics.push(
             Diagnostic::error(
                 Code::Io,
                 Location::file(FLOWS_DIR),
-                format!("no flow files (`*.yaml`) in `{}`", flows_dir.display()),
+                format!("no flow files (`*.yaml`) in `{FLOWS_DIR}/`"),
             )
-            .with_hint("a project keeps its flow files in `flows/` and its JSON Schemas in `schemas/`"),
+            .with_hint(
+                "a project keeps its flow files in `flows/` and its JSON Schemas in `schemas/`",
+            ),
         );
         return project;
     }
@@ -97,6 +106,7 @@ pub fn load_project(dir: &Path, environment: &Environment) -> LoadedProject {
         let text = match std::fs::read_to_string(&absolute) {
             Ok(text) => text,
             Err(error) => {
+                project.complete = false;
                 project.diagnostics.push(Diagnostic::error(
                     Code::Io,
                     Location::file(&relative),
@@ -108,6 +118,7 @@ pub fn load_project(dir: &Path, environment: &Environment) -> LoadedProject {
         let parsed = parse_flow_file(&relative, &text, environment);
         project.diagnostics.extend(parsed.diagnostics);
         project.unparsed_names.extend(parsed.unparsed_names);
+        project.complete &= parsed.complete;
         project.files.push(LoadedFile {
             path: relative.clone(),
             spec: parsed.spec,
@@ -143,6 +154,8 @@ pub struct ParsedFile {
     pub spec: FlowFile,
     pub diagnostics: Vec<Diagnostic>,
     pub unparsed_names: Vec<String>,
+    /// False when part of the file could not be read into the spec.
+    pub complete: bool,
 }
 
 /// Parses one flow file, reporting as many problems as it can find.
@@ -154,8 +167,21 @@ pub fn parse_flow_file(path: &Path, text: &str, environment: &Environment) -> Pa
             spec,
             diagnostics,
             unparsed_names: Vec::new(),
+            complete: true,
         },
         Err(whole_file_error) => {
+            // A syntax error (or a duplicate key) is reported as the plain
+            // parse finds it, without the typed reading in the way.
+            if let Err(syntax_error) = from_str_with::<IndexMap<Name, SectionKeys>>(text, &options)
+            {
+                diagnostics.push(yaml_error_diagnostic(path, &syntax_error));
+                return ParsedFile {
+                    spec: FlowFile::default(),
+                    diagnostics,
+                    unparsed_names: Vec::new(),
+                    complete: false,
+                };
+            }
             let recovered = parse_entry_by_entry(path, text, &options);
             match recovered {
                 Some(recovered) if !recovered.diagnostics.is_empty() => {
@@ -164,6 +190,7 @@ pub fn parse_flow_file(path: &Path, text: &str, environment: &Environment) -> Pa
                         spec: recovered.spec,
                         diagnostics,
                         unparsed_names: recovered.unparsed_names,
+                        complete: false,
                     }
                 }
                 _ => {
@@ -172,6 +199,7 @@ pub fn parse_flow_file(path: &Path, text: &str, environment: &Environment) -> Pa
                         spec: FlowFile::default(),
                         diagnostics,
                         unparsed_names: Vec::new(),
+                        complete: false,
                     }
                 }
             }
@@ -281,7 +309,11 @@ fn yaml_error_diagnostic(path: &Path, error: &serde_saphyr::Error) -> Diagnostic
         }
         E::DuplicateMappingKey { key, .. } => Diagnostic::error(
             Code::DuplicateKey,
-            Location::new(path, position, key.as_deref().map_or(1, |k| k.chars().count())),
+            Location::new(
+                path,
+                position,
+                key.as_deref().map_or(1, |k| k.chars().count()),
+            ),
             match key {
                 Some(key) => format!("duplicate key `{key}`"),
                 None => "duplicate key".to_owned(),
@@ -374,16 +406,21 @@ fn parse_entry_by_entry(path: &Path, text: &str, options: &Options) -> Option<Pa
                     Location::new(path, name.position, name.value.chars().count()),
                     format!("unknown key `{}`", name.value),
                 )
-                .with_hint(did_you_mean(&name.value, FLOW_FILE_KEYS.iter().copied()).unwrap_or_else(
-                    || format!("allowed top-level keys: {}", FLOW_FILE_KEYS.join(", ")),
-                )),
+                .with_hint(
+                    did_you_mean(&name.value, FLOW_FILE_KEYS.iter().copied()).unwrap_or_else(
+                        || format!("allowed top-level keys: {}", FLOW_FILE_KEYS.join(", ")),
+                    ),
+                ),
             );
             continue;
         }
-        let entries_on_own_lines = keys.entries.windows(2).all(|pair| pair[0].line < pair[1].line)
+        let entries_on_own_lines = keys
+            .entries
+            .windows(2)
+            .all(|pair| pair[0].line < pair[1].line)
             && keys.entries.first().is_some_and(|first| first.line > start);
-        let by_entry = matches!(name.value.as_str(), "intents" | "services" | "flows")
-            && entries_on_own_lines;
+        let by_entry =
+            matches!(name.value.as_str(), "intents" | "services" | "flows") && entries_on_own_lines;
         if !by_entry {
             let slice = padded_slice(text, &line_starts, start, end);
             match from_str_with::<FlowFile>(&slice, options) {
@@ -422,6 +459,7 @@ fn parse_entry_by_entry(path: &Path, text: &str, options: &Options) -> Option<Pa
         spec,
         diagnostics,
         unparsed_names,
+        complete: false,
     })
 }
 
@@ -458,8 +496,14 @@ fn line_starts(text: &str) -> Vec<usize> {
 /// Lines `start..end` (1-based, end exclusive) of `text`, preceded by blank
 /// lines so that line numbers in the slice are those of the file.
 fn padded_slice(text: &str, line_starts: &[usize], start: usize, end: usize) -> String {
-    let from = line_starts.get(start.saturating_sub(1)).copied().unwrap_or(text.len());
-    let to = line_starts.get(end.saturating_sub(1)).copied().unwrap_or(text.len());
+    let from = line_starts
+        .get(start.saturating_sub(1))
+        .copied()
+        .unwrap_or(text.len());
+    let to = line_starts
+        .get(end.saturating_sub(1))
+        .copied()
+        .unwrap_or(text.len());
     let mut slice = "\n".repeat(start.saturating_sub(1));
     slice.push_str(&text[from..to.max(from)]);
     slice
@@ -536,5 +580,115 @@ pub fn content_hash(files: &BTreeMap<PathBuf, Vec<u8>>) -> String {
         hasher.update(content);
     }
     let digest = hasher.finalize();
-    digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect()
+    digest
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, environment: &[(&str, &str)]) -> ParsedFile {
+        let environment = environment
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        parse_flow_file(Path::new("flows/test.yaml"), text, &environment)
+    }
+
+    #[test]
+    fn variables_are_substituted_with_defaults() {
+        let parsed = parse(
+            "services:\n  a:\n    url: \"${A_URL}\"\n  b:\n    url: \"${B_URL:-http://b.local}\"\n    timeout: ${B_TIMEOUT:-3s}\n",
+            &[("A_URL", "http://a.local")],
+        );
+        assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
+        let services = &parsed.spec.services;
+        assert_eq!(services["a"].url.as_ref().unwrap().value, "http://a.local");
+        assert_eq!(services["b"].url.as_ref().unwrap().value, "http://b.local");
+        assert_eq!(services["b"].timeout.as_ref().unwrap().value, "3s");
+        // Positions are those of the scalar as written.
+        assert_eq!(services["a"].url.as_ref().unwrap().position.line, 3);
+    }
+
+    #[test]
+    fn an_unset_variable_without_default_is_a_warning_at_its_place() {
+        let parsed = parse(
+            "# ${IN_A_COMMENT}\nservices:\n  a:\n    url: \"x${NOPE}\"\n",
+            &[],
+        );
+        let [warning] = parsed.diagnostics.as_slice() else {
+            panic!("{:?}", parsed.diagnostics)
+        };
+        assert_eq!(warning.code, Code::UnsetEnvVar);
+        assert_eq!((warning.location.line, warning.location.column), (4, 12));
+        assert_eq!(parsed.spec.services["a"].url.as_ref().unwrap().value, "x");
+    }
+
+    #[test]
+    fn a_bad_entry_does_not_hide_the_others() {
+        let text = "\
+intents:
+  a:
+    keywordz: [x]
+  b:
+    keywords: [y]
+  c:
+    descripton: z
+flows:
+  f:
+    intent: b
+    steps:
+      - reply: hi
+";
+        let parsed = parse(text, &[]);
+        let found: Vec<(u32, Code)> = parsed
+            .diagnostics
+            .iter()
+            .map(|d| (d.location.line, d.code))
+            .collect();
+        assert_eq!(found, [(3, Code::UnknownKey), (7, Code::UnknownKey)]);
+        assert!(parsed.spec.intents.contains_key("b"));
+        assert!(parsed.spec.flows.contains_key("f"));
+        assert_eq!(parsed.unparsed_names, ["a", "c"]);
+        assert!(!parsed.complete);
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let parsed = parse(
+            "intents:\n  a:\n    keywords: [x]\n  a:\n    keywords: [y]\n",
+            &[],
+        );
+        assert_eq!(parsed.diagnostics[0].code, Code::DuplicateKey);
+        assert_eq!(parsed.diagnostics[0].location.line, 4);
+    }
+
+    #[test]
+    fn entries_using_anchors_from_elsewhere_fall_back_to_the_whole_file_error() {
+        let text = "\
+services:
+  a: &base
+    timeout: 2s
+  b:
+    <<: *base
+    bogus: 1
+";
+        let parsed = parse(text, &[]);
+        assert_eq!(parsed.diagnostics.len(), 1, "{:?}", parsed.diagnostics);
+        assert_eq!(parsed.diagnostics[0].code, Code::UnknownKey);
+    }
+
+    #[test]
+    fn content_hash_changes_with_content() {
+        let mut files = BTreeMap::new();
+        files.insert(PathBuf::from("flows/a.yaml"), b"a".to_vec());
+        let first = content_hash(&files);
+        files.insert(PathBuf::from("flows/a.yaml"), b"b".to_vec());
+        assert_ne!(first, content_hash(&files));
+        assert_eq!(first.len(), 16);
+    }
 }

@@ -14,7 +14,11 @@ const EXIT_INVALID_PROJECT: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "mcp-orchestrator", version, about = "Declarative flow engine for conversational ordering assistants")]
+#[command(
+    name = "mcp-orchestrator",
+    version,
+    about = "Declarative flow engine for conversational ordering assistants"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,7 +60,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+            return ExitCode::from(if error.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_OK
+            });
         }
     };
     match run(cli) {

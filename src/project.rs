@@ -134,7 +134,11 @@ impl fmt::Debug for Service {
             .field("method", &self.method)
             .field(
                 "headers",
-                &self.headers.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)

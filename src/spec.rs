@@ -108,6 +108,8 @@ impl<T: JsonSchema> JsonSchema for Spanned<T> {
 
 pub type Name = Spanned<String>;
 pub type Text = Spanned<String>;
+/// A list of steps, with the position of the list.
+pub type Steps = Spanned<Vec<Spanned<Step>>>;
 
 /// One flow file. Every file may hold any of the top-level sections; the
 /// project is their union, and a name defined twice is an error.
@@ -270,7 +272,7 @@ pub struct Flow {
     /// Handles a failed call that has no `on_error` of its own.
     pub on_error: Option<Box<Spanned<Step>>>,
     /// The steps, run in order until one replies.
-    pub steps: Spanned<Vec<Spanned<Step>>>,
+    pub steps: Steps,
 }
 
 /// One step. Exactly one of `call`, `reply`, `set`, `then`, `switch`,
@@ -286,7 +288,7 @@ pub struct Step {
     pub condition: Option<Text>,
     /// Steps run instead when `if` is false.
     #[serde(rename = "else")]
-    pub otherwise: Option<Spanned<Vec<Spanned<Step>>>>,
+    pub otherwise: Option<Steps>,
 
     /// Call a service by name.
     pub call: Option<Name>,
@@ -308,17 +310,17 @@ pub struct Step {
     pub set: Option<Spanned<IndexMap<Name, Spanned<TemplateValue>>>>,
 
     /// Run these steps (usually with `if`).
-    pub then: Option<Spanned<Vec<Spanned<Step>>>>,
+    pub then: Option<Steps>,
 
     /// Pick steps by the value of an expression.
     pub switch: Option<Text>,
     /// `switch` cases: value → steps.
-    pub cases: Option<Spanned<IndexMap<Name, Spanned<Vec<Spanned<Step>>>>>>,
+    pub cases: Option<Spanned<IndexMap<Name, Steps>>>,
     /// `switch` steps when no case matches.
-    pub default: Option<Spanned<Vec<Spanned<Step>>>>,
+    pub default: Option<Steps>,
 
     /// Calls made at the same time; each needs an `id`.
-    pub parallel: Option<Spanned<Vec<Spanned<Step>>>>,
+    pub parallel: Option<Steps>,
 
     /// Walk a list (an expression); runs `do` once per element.
     pub foreach: Option<Text>,
@@ -328,7 +330,7 @@ pub struct Step {
     /// Steps run for each element; with an `id`, the results of each
     /// iteration's steps are collected into a list under that id.
     #[serde(rename = "do")]
-    pub each: Option<Spanned<Vec<Spanned<Step>>>>,
+    pub each: Option<Steps>,
 }
 
 /// The keys a step may have, for hints on unknown keys.

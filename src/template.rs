@@ -51,8 +51,17 @@ fn new_environment() -> Environment<'static> {
 pub fn is_global_name(name: &str) -> bool {
     matches!(
         name,
-        "range" | "dict" | "namespace" | "debug" | "lipsum" | "cycler" | "joiner" | "none" | "true"
-            | "false" | "loop"
+        "range"
+            | "dict"
+            | "namespace"
+            | "debug"
+            | "lipsum"
+            | "cycler"
+            | "joiner"
+            | "none"
+            | "true"
+            | "false"
+            | "loop"
     )
 }
 
@@ -166,21 +175,20 @@ impl fmt::Debug for Templates {
 
 impl Templates {
     pub fn render(&self, id: TemplateId, context: &Value) -> Result<String, Error> {
-        self.cell.with_dependent(|_, compiled| {
-            match compiled.templates.get(id.0 as usize) {
+        self.cell
+            .with_dependent(|_, compiled| match compiled.templates.get(id.0 as usize) {
                 Some(template) => template.render(context),
                 None => Err(missing(id.0)),
-            }
-        })
+            })
     }
 
     pub fn evaluate(&self, id: ExpressionId, context: &Value) -> Result<Value, Error> {
-        self.cell.with_dependent(|_, compiled| {
-            match compiled.expressions.get(id.0 as usize) {
+        self.cell.with_dependent(
+            |_, compiled| match compiled.expressions.get(id.0 as usize) {
                 Some(expression) => expression.eval(context),
                 None => Err(missing(id.0)),
-            }
-        })
+            },
+        )
     }
 
     /// Renders a value template to JSON by the typed body rule.
@@ -231,7 +239,8 @@ fn missing(index: u32) -> Error {
 pub fn lone_expression(text: &str) -> Option<&str> {
     static LONE: LazyLock<Regex> = LazyLock::new(|| {
         #[allow(clippy::expect_used)]
-        Regex::new(r"(?s)^\s*\{\{[-+]?(.*?)[-+]?\}\}\s*$").expect("the lone-expression pattern is valid")
+        Regex::new(r"(?s)^\s*\{\{[-+]?(.*?)[-+]?\}\}\s*$")
+            .expect("the lone-expression pattern is valid")
     });
     let inner = LONE.captures(text)?.get(1)?.as_str();
     if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") {
@@ -243,4 +252,98 @@ pub fn lone_expression(text: &str) -> Option<&str> {
 /// Whether a string contains any template syntax at all.
 pub fn has_template_syntax(text: &str) -> bool {
     text.contains("{{") || text.contains("{%") || text.contains("{#")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lone_expression_is_one_expression_and_nothing_else() {
+        assert_eq!(lone_expression("{{ input.items }}"), Some("input.items"));
+        assert_eq!(lone_expression("  {{- a or 'x' -}} "), Some("a or 'x'"));
+        assert_eq!(lone_expression("Hi {{ name }}"), None);
+        assert_eq!(lone_expression("{{ a }} and {{ b }}"), None);
+        assert_eq!(lone_expression("{% if a %}{{ a }}{% endif %}"), None);
+        assert_eq!(lone_expression("plain"), None);
+    }
+
+    fn render(
+        value: ValueTemplate,
+        builder: TemplatesBuilder,
+        context: serde_json::Value,
+    ) -> serde_json::Value {
+        let templates = builder.finish().unwrap();
+        templates
+            .render_value(&value, &Value::from(minijinja::value::Serde(&context)))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_lone_expression_keeps_its_json_type() {
+        let mut builder = TemplatesBuilder::default();
+        let (items, _) = builder.add_expression("input.items").unwrap();
+        let (count, _) = builder.add_expression("input.items | length").unwrap();
+        let (text, _) = builder
+            .add_template("{{ input.items | length }} items")
+            .unwrap();
+        let value = ValueTemplate::Map(vec![
+            ("items".into(), ValueTemplate::Expression(items)),
+            ("count".into(), ValueTemplate::Expression(count)),
+            ("text".into(), ValueTemplate::Text(text)),
+            ("fixed".into(), ValueTemplate::Literal(json!(true))),
+        ]);
+        let context = json!({"input": {"items": [{"id": "p1", "qty": 2}]}});
+        assert_eq!(
+            render(value, builder, context),
+            json!({"items": [{"id": "p1", "qty": 2}], "count": 1, "text": "1 items", "fixed": true})
+        );
+    }
+
+    #[test]
+    fn undefined_values_are_errors_but_can_be_tested() {
+        let mut builder = TemplatesBuilder::default();
+        let (printed, _) = builder.add_template("{{ input.missing }}").unwrap();
+        let (tested, _) = builder.add_expression("not input.missing").unwrap();
+        let (lone, _) = builder.add_expression("input.missing").unwrap();
+        let templates = builder.finish().unwrap();
+        let context = Value::from(minijinja::value::Serde(json!({"input": {}})));
+        assert!(templates.render(printed, &context).is_err());
+        assert_eq!(
+            templates.evaluate(tested, &context).unwrap(),
+            Value::from(true)
+        );
+        assert!(
+            templates
+                .render_value(&ValueTemplate::Expression(lone), &context)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let mut builder = TemplatesBuilder::default();
+        let (id, _) = builder
+            .add_template(
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            )
+            .unwrap();
+        let templates = builder.finish().unwrap();
+        let error = templates.render(id, &Value::from(())).unwrap_err();
+        assert_eq!(error.kind(), minijinja::ErrorKind::OutOfFuel);
+    }
+
+    #[test]
+    fn analysis_lists_dotted_paths() {
+        let mut builder = TemplatesBuilder::default();
+        let (_, analysis) = builder
+            .add_template(
+                "{% for c in menu.categories %}{{ c.name }}{% endfor %}{{ placed.order_id }}",
+            )
+            .unwrap();
+        let mut variables: Vec<_> = analysis.variables.into_iter().collect();
+        variables.sort();
+        assert_eq!(variables, ["menu.categories", "placed.order_id"]);
+    }
 }

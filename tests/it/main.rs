@@ -1,0 +1,48 @@
+//! Integration tests, one binary: the check fixtures, the shipped project,
+//! the output formats and the command line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod check_fixtures;
+mod cli;
+mod shipped_project;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn repository_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    repository_root().join("tests/fixtures")
+}
+
+/// The environment every check in the tests sees: fixed, so results do not
+/// depend on the machine.
+pub fn test_environment() -> HashMap<String, String> {
+    HashMap::from([("SET_IN_TESTS".to_owned(), "yes".to_owned())])
+}
+
+/// Copies a project directory tree (for tests that edit a copy).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A temporary copy of the shipped project (flows, schemas, mocks).
+pub fn shipped_project_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for folder in ["flows", "schemas", "mocks"] {
+        copy_tree(&repository_root().join(folder), &dir.path().join(folder));
+    }
+    dir
+}
