@@ -697,8 +697,10 @@ impl<'a> Checker<'a> {
                     Some(text) => self.duration(file, text),
                     None => Some(project::DEFAULT_RETRY_BACKOFF),
                 };
-                (attempts > 1)
-                    .then_some(backoff.map(|backoff| project::RetryPolicy { attempts, backoff }))
+                // One attempt is no retry at all.
+                backoff.map(|backoff| {
+                    (attempts > 1).then_some(project::RetryPolicy { attempts, backoff })
+                })
             }
             None => Some(None),
         };
@@ -809,6 +811,17 @@ impl<'a> Checker<'a> {
             (Some(path), None) => {
                 let location = self.location(file, path, path.value.len());
                 let relative = PathBuf::from(path.value.trim());
+                if !stays_inside(&relative) {
+                    self.push(
+                        Diagnostic::error(
+                            Code::InvalidValue,
+                            location,
+                            format!("mock path `{}` leaves the project directory", relative.display()),
+                        )
+                        .with_hint("mock files are relative to the project directory, e.g. `mocks/menu.json`"),
+                    );
+                    return None;
+                }
                 let absolute = self.dir.join(&relative);
                 let bytes = match std::fs::read(&absolute) {
                     Ok(bytes) => bytes,
@@ -862,9 +875,8 @@ impl<'a> Checker<'a> {
                         Code::MockInvalid,
                         body_location,
                         format!(
-                            "the mock of service `{service}` does not match its response schema: {} at `{}`",
-                            error,
-                            error.instance_path()
+                            "the mock of service `{service}` does not match its response schema: {error}{}",
+                            at_pointer(&error.instance_path().to_string())
                         ),
                     )
                     .with_hint("a mock must be an answer the real service could give"),
@@ -879,6 +891,17 @@ impl<'a> Checker<'a> {
     fn schema_file(&mut self, file: &Path, name: &spec::Text) -> Option<Arc<SchemaFile>> {
         let file_name = name.value.trim().to_owned();
         let location = self.location(file, name, name.value.len());
+        if !stays_inside(Path::new(&file_name)) {
+            self.push(
+                Diagnostic::error(
+                    Code::InvalidValue,
+                    location,
+                    format!("schema path `{file_name}` leaves the `{SCHEMAS_DIR}/` folder"),
+                )
+                .with_hint("name a file under `schemas/`, such as `menu_response.schema.json`"),
+            );
+            return None;
+        }
         self.load_schema(&file_name, location)
     }
 
@@ -956,9 +979,9 @@ impl<'a> Checker<'a> {
                     Code::SchemaInvalid,
                     Location::file(&relative),
                     format!(
-                        "schema `{}` does not match its meta-schema: {error} at `{}`",
+                        "schema `{}` does not match its meta-schema: {error}{}",
                         relative.display(),
-                        error.instance_path()
+                        at_pointer(&error.instance_path().to_string())
                     ),
                 )
                 .with_hint(
@@ -967,10 +990,8 @@ impl<'a> Checker<'a> {
             );
             return None;
         }
-        let validator = match jsonschema::options()
-            .with_draft(jsonschema::Draft::Draft202012)
-            .build(&json)
-        {
+        // The draft is the one `$schema` names; 2020-12 when it names none.
+        let validator = match jsonschema::options().build(&json) {
             Ok(validator) => validator,
             Err(error) => {
                 self.push(Diagnostic::error(
@@ -1058,7 +1079,6 @@ impl<'a> Checker<'a> {
         let mut all_steps: Vec<&spec::Step> = Vec::new();
         collect_steps(&spec.steps.value, &mut all_steps);
         if let Some(on_error) = &spec.on_error {
-            all_steps.push(&on_error.value);
             collect_steps(std::slice::from_ref(on_error.as_ref()), &mut all_steps);
         }
         for step in &all_steps {
@@ -2034,6 +2054,21 @@ impl<'a> Checker<'a> {
             .with_hint(hint),
         );
     }
+}
+
+/// " at `/a/b`" for a JSON pointer, nothing for the document root.
+fn at_pointer(pointer: &str) -> String {
+    if pointer.is_empty() {
+        String::new()
+    } else {
+        format!(" at `{pointer}`")
+    }
+}
+
+/// A relative path with no `..`: it cannot leave the folder it is joined to.
+fn stays_inside(path: &Path) -> bool {
+    path.components()
+        .all(|component| matches!(component, std::path::Component::Normal(_)))
 }
 
 fn candidates(names: &[&str]) -> Vec<String> {

@@ -89,7 +89,7 @@ pub fn load_project(dir: &Path, environment: &Environment) -> LoadedProject {
             Diagnostic::error(
                 Code::Io,
                 Location::file(FLOWS_DIR),
-                format!("no flow files (`*.yaml`) in `{FLOWS_DIR}/`"),
+                format!("no flow files (`*.yaml` or `*.yml`) in `{FLOWS_DIR}/`"),
             )
             .with_hint(
                 "a project keeps its flow files in `flows/` and its JSON Schemas in `schemas/`",
@@ -226,8 +226,10 @@ fn from_str_with<T: DeserializeOwned>(
 fn unset_variables(path: &Path, text: &str, environment: &Environment) -> Vec<Diagnostic> {
     static VARIABLE: LazyLock<Regex> = LazyLock::new(|| {
         #[allow(clippy::expect_used)]
-        Regex::new(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+=][^}]*)?\}")
-            .expect("the variable pattern is valid")
+        Regex::new(
+            r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+=][^}]*)?\}|\$([A-Za-z_][A-Za-z0-9_]*)",
+        )
+        .expect("the variable pattern is valid")
     });
     let mut diagnostics = Vec::new();
     for (line_index, line) in text.lines().enumerate() {
@@ -235,7 +237,10 @@ fn unset_variables(path: &Path, text: &str, environment: &Environment) -> Vec<Di
             continue;
         }
         for captures in VARIABLE.captures_iter(line) {
-            let (Some(whole), Some(name)) = (captures.get(0), captures.get(1)) else {
+            // `${NAME}` or, as docker-compose reads it, a bare `$NAME`.
+            let (Some(whole), Some(name)) =
+                (captures.get(0), captures.get(1).or_else(|| captures.get(3)))
+            else {
                 continue;
             };
             if captures.get(2).is_some() || environment.contains_key(name.as_str()) {
@@ -256,7 +261,7 @@ fn unset_variables(path: &Path, text: &str, environment: &Environment) -> Vec<Di
                     ),
                 )
                 .with_hint(format!(
-                    "set `{0}`, or give a default: `${{{0}:-value}}`",
+                    "set `{0}`, or give a default: `${{{0}:-value}}` (write `$$` for a literal `$`)",
                     name.as_str()
                 )),
             );

@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 fn check(args: CheckArgs) -> anyhow::Result<u8> {
     if !args.dir.is_dir() {
-        anyhow::bail!("project directory `{}` does not exist", args.dir.display());
+        anyhow::bail!("`{}` is not a directory", args.dir.display());
     }
     let environment = std::env::vars().collect();
     let mut checked = check_project(&args.dir, &environment);
@@ -110,7 +110,13 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
             diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
         }
         Format::Json => diagnostic::render_json(&checked.diagnostics) + "\n",
-        Format::Github => diagnostic::render_github(&checked.diagnostics, &args.dir),
+        Format::Github => {
+            // Annotations need paths relative to the repository checkout,
+            // which is the working directory of a CI job.
+            let current = std::env::current_dir().unwrap_or_default();
+            let dir = args.dir.strip_prefix(&current).unwrap_or(&args.dir);
+            diagnostic::render_github(&checked.diagnostics, dir)
+        }
     };
     match args.format {
         Format::Human => eprint!("{output}"),

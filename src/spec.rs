@@ -254,7 +254,8 @@ pub enum Unwrap {
 pub struct Mock {
     /// A JSON file, relative to the project directory.
     pub file: Option<Text>,
-    /// The answer, inline.
+    /// The answer, inline (taken literally; no templates).
+    #[schemars(with = "Option<serde_json::Value>")]
     pub response: Option<Spanned<TemplateValue>>,
     /// HTTP status of the mock answer. Default 200.
     pub status: Option<Spanned<u16>>,
@@ -344,7 +345,7 @@ pub const STEP_KEYS: &[&str] = &[
 pub struct Defaults {
     /// Reply used when a call fails and neither the step nor the flow has `on_error`.
     pub error_reply: Option<Text>,
-    /// Route reported with that reply. Default `error`.
+    /// Route reported with that reply. Default: the name of the flow that failed.
     pub error_route: Option<Name>,
 }
 

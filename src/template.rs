@@ -8,8 +8,9 @@
 //! The typed body rule: a string that is exactly one `{{ expr }}` is an
 //! expression and keeps its JSON type; any other string renders as text.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::LazyLock;
 
 use minijinja::{Environment, Error, Expression, Template, UndefinedBehavior, Value};
@@ -44,24 +45,17 @@ fn new_environment() -> Environment<'static> {
     environment.set_fuel(Some(TEMPLATE_FUEL));
     environment.set_recursion_limit(64);
     environment.set_debug(true);
+    // `debug()` would print the whole context, redacted fields included,
+    // into a reply.
+    environment.remove_global("debug");
     environment
 }
 
-/// Names minijinja defines globally; templates may use them freely.
+/// Names the environment defines globally; templates may use them freely.
 pub fn is_global_name(name: &str) -> bool {
     matches!(
         name,
-        "range"
-            | "dict"
-            | "namespace"
-            | "debug"
-            | "lipsum"
-            | "cycler"
-            | "joiner"
-            | "none"
-            | "true"
-            | "false"
-            | "loop"
+        "range" | "dict" | "namespace" | "none" | "true" | "false" | "loop"
     )
 }
 
@@ -73,10 +67,16 @@ pub struct Analysis {
 }
 
 /// Collects templates while a project is checked.
+///
+/// Identical sources are compiled once and share an id: bodies repeat
+/// `{{ user_id }}` or `{{ trace_id }}` in every call, and each compiled
+/// template costs a few kilobytes for as long as the project is loaded.
 pub struct TemplatesBuilder {
     environment: Environment<'static>,
     template_count: u32,
     expression_sources: Vec<String>,
+    templates_by_source: HashMap<String, (TemplateId, Arc<Analysis>)>,
+    expressions_by_source: HashMap<String, (ExpressionId, Arc<Analysis>)>,
 }
 
 impl fmt::Debug for TemplatesBuilder {
@@ -94,6 +94,8 @@ impl Default for TemplatesBuilder {
             environment: new_environment(),
             template_count: 0,
             expression_sources: Vec::new(),
+            templates_by_source: HashMap::new(),
+            expressions_by_source: HashMap::new(),
         }
     }
 }
@@ -104,29 +106,47 @@ fn template_name(index: u32) -> String {
 
 impl TemplatesBuilder {
     /// Compiles a text template.
-    pub fn add_template(&mut self, source: &str) -> Result<(TemplateId, Analysis), Error> {
+    pub fn add_template(&mut self, source: &str) -> Result<(TemplateId, Arc<Analysis>), Error> {
+        if let Some((id, analysis)) = self.templates_by_source.get(source) {
+            return Ok((*id, analysis.clone()));
+        }
         let index = self.template_count;
         let name = template_name(index);
         self.environment
             .add_template_owned(name.clone(), source.to_owned())?;
         let template = self.environment.get_template(&name)?;
-        let variables = template.undeclared_variables(true);
+        let analysis = Arc::new(Analysis {
+            variables: template.undeclared_variables(true),
+        });
         self.template_count += 1;
-        Ok((TemplateId(index), Analysis { variables }))
+        let id = TemplateId(index);
+        self.templates_by_source
+            .insert(source.to_owned(), (id, analysis.clone()));
+        Ok((id, analysis))
     }
 
     /// Compiles an expression (the text of an `if:`, or a lone `{{ expr }}`).
-    pub fn add_expression(&mut self, source: &str) -> Result<(ExpressionId, Analysis), Error> {
+    pub fn add_expression(&mut self, source: &str) -> Result<(ExpressionId, Arc<Analysis>), Error> {
+        if let Some((id, analysis)) = self.expressions_by_source.get(source) {
+            return Ok((*id, analysis.clone()));
+        }
         let expression = self.environment.compile_expression(source)?;
-        let variables = expression.undeclared_variables(true);
+        let analysis = Arc::new(Analysis {
+            variables: expression.undeclared_variables(true),
+        });
         let index = u32::try_from(self.expression_sources.len()).unwrap_or(u32::MAX);
         self.expression_sources.push(source.to_owned());
-        Ok((ExpressionId(index), Analysis { variables }))
+        let id = ExpressionId(index);
+        self.expressions_by_source
+            .insert(source.to_owned(), (id, analysis.clone()));
+        Ok((id, analysis))
     }
 
     pub fn finish(self) -> Result<Templates, Error> {
         let template_count = self.template_count;
         let expression_sources = self.expression_sources;
+        drop(self.templates_by_source);
+        drop(self.expressions_by_source);
         let cell = TemplateCell::try_new(self.environment, |environment| {
             let templates = (0..template_count)
                 .map(|index| environment.get_template(&template_name(index)))
@@ -342,7 +362,7 @@ mod tests {
                 "{% for c in menu.categories %}{{ c.name }}{% endfor %}{{ placed.order_id }}",
             )
             .unwrap();
-        let mut variables: Vec<_> = analysis.variables.into_iter().collect();
+        let mut variables: Vec<_> = analysis.variables.iter().cloned().collect();
         variables.sort();
         assert_eq!(variables, ["menu.categories", "placed.order_id"]);
     }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod check_fixtures;
+mod check_rules;
 mod cli;
 mod shipped_project;
 

@@ -1,0 +1,173 @@
+//! Focused rules of `check`, each on a small inline project.
+
+use mcp_orchestrator::check::{Checked, check_project};
+use mcp_orchestrator::diagnostic::Code;
+
+use crate::test_environment;
+
+const BASE: &str = "
+intents:
+  hello:
+    keywords: [hello]
+classifier:
+  fallback: hello
+";
+
+/// Checks a project made of one flow file (appended to a valid base) and
+/// the given extra files.
+fn check(flow_file: &str, extra: &[(&str, &str)]) -> Checked {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("flows")).unwrap();
+    std::fs::write(
+        dir.path().join("flows/main.yaml"),
+        format!("{BASE}{flow_file}"),
+    )
+    .unwrap();
+    for (path, content) in extra {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    check_project(dir.path(), &test_environment())
+}
+
+fn codes(checked: &Checked) -> Vec<Code> {
+    checked.diagnostics.iter().map(|d| d.code).collect()
+}
+
+const ORDER_SCHEMA: &str = r#"{"type": "object", "properties": {"order_id": {"type": "string"}, "eta": {"type": "integer"}}}"#;
+
+#[test]
+fn a_single_attempt_is_no_retry_and_still_compiles() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\n    retry: { attempts: 1 }\nflows:\n  f:\n    intent: hello\n    steps:\n      - call: s\n      - reply: ok\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), []);
+    let project = checked.project.unwrap();
+    assert!(project.services[0].retry.is_none());
+}
+
+#[test]
+fn flow_level_on_error_may_have_an_id() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\nflows:\n  f:\n    intent: hello\n    on_error:\n      id: failed\n      call: s\n      on_error: { reply: sorry }\n    steps:\n      - call: s\n      - reply: ok\n",
+        &[],
+    );
+    assert!(
+        !codes(&checked).contains(&Code::DuplicateName),
+        "{:#?}",
+        checked.diagnostics
+    );
+}
+
+#[test]
+fn on_error_must_reply_and_sees_the_error() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\nflows:\n  f:\n    intent: hello\n    steps:\n      - call: s\n        on_error: { set: { failed: \"{{ error.code }}\" } }\n      - reply: \"{{ error.code }}\"\n",
+        &[],
+    );
+    // The on_error does not reply, and `error` is unknown outside on_error.
+    assert_eq!(codes(&checked), [Code::MissingReply, Code::UnknownVariable]);
+}
+
+#[test]
+fn a_result_is_visible_only_where_its_step_surely_ran() {
+    let flow = "services:\n  s:\n    url: http://127.0.0.1:9/s\n    response: { schema: order.json }\nflows:\n  f:\n    intent: hello\n    steps:\n      - if: \"input.go\"\n        id: placed\n        call: s\n      - reply: \"{{ placed.order_id }}\"\n";
+    let checked = check(flow, &[("schemas/order.json", ORDER_SCHEMA)]);
+    assert_eq!(codes(&checked), [Code::UndefinedStepReference]);
+
+    // With an `else` that replies, the step ran on every path that goes on.
+    let flow = flow.replace(
+        "        call: s\n",
+        "        call: s\n        else:\n          - reply: no\n",
+    );
+    let checked = check(&flow, &[("schemas/order.json", ORDER_SCHEMA)]);
+    assert_eq!(codes(&checked), []);
+}
+
+#[test]
+fn a_scalar_field_has_no_fields_below_it() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\n    response: { schema: order.json }\nflows:\n  f:\n    intent: hello\n    steps:\n      - id: placed\n        call: s\n      - reply: \"{{ placed.eta.hours }}\"\n",
+        &[("schemas/order.json", ORDER_SCHEMA)],
+    );
+    assert_eq!(codes(&checked), [Code::UnknownResponseField]);
+}
+
+#[test]
+fn switch_replies_only_when_every_case_and_the_default_reply() {
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - switch: channel\n        cases:\n          web: [{ reply: web }]\n          voice: [{ reply: voice }]\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::MissingReply]);
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - switch: channel\n        cases:\n          web: [{ reply: web }]\n        default: [{ reply: other }]\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), []);
+}
+
+#[test]
+fn parallel_branches_are_calls_with_ids_that_do_not_see_each_other() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\n    response: { schema: order.json }\nflows:\n  f:\n    intent: hello\n    steps:\n      - parallel:\n          - { id: a, call: s }\n          - { id: b, call: s, body: { x: \"{{ a.order_id }}\" } }\n          - { reply: nope }\n      - reply: \"{{ a.order_id }} {{ b.order_id }}\"\n",
+        &[("schemas/order.json", ORDER_SCHEMA)],
+    );
+    assert_eq!(
+        codes(&checked),
+        [Code::UndefinedStepReference, Code::StepKind]
+    );
+}
+
+#[test]
+fn foreach_binds_its_element_and_collects_under_its_id() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\nflows:\n  f:\n    intent: hello\n    steps:\n      - id: lines\n        foreach: input.items\n        as: line\n        do:\n          - { id: priced, call: s, body: { sku: \"{{ line.sku }}\" } }\n      - reply: \"{{ lines | length }} lines, {{ line }}\"\n",
+        &[],
+    );
+    // `line` exists only inside `do`.
+    assert_eq!(codes(&checked), [Code::UnknownVariable]);
+}
+
+#[test]
+fn entity_names_are_checked_against_the_flow_intents() {
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - reply: \"{{ intent.entities.order }}\"\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::UnknownVariable]);
+}
+
+#[test]
+fn paths_may_not_leave_the_project() {
+    let checked = check(
+        "services:\n  s:\n    url: http://127.0.0.1:9/s\n    response: { schema: ../../etc/passwd }\n    mock: { file: /etc/passwd }\nflows:\n  f:\n    intent: hello\n    steps:\n      - reply: hi\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::InvalidValue, Code::InvalidValue]);
+}
+
+#[test]
+fn a_bare_unset_variable_is_a_warning_too() {
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - reply: \"Only $PRICE today\"\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::UnsetEnvVar]);
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - reply: \"Only $$5 today\"\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), []);
+}
+
+#[test]
+fn the_debug_global_is_not_available() {
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    steps:\n      - reply: \"{{ debug() }}\"\n",
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::UnknownVariable]);
+}
