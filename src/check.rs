@@ -226,7 +226,7 @@ impl<'a> Checker<'a> {
             .enumerate()
             .map(|(index, intent)| (intent.name.value.as_str(), IntentId(index as u32)))
             .collect();
-        let classifier = self.compile_classifier(files, classifier, &intent_ids);
+        let classifier = self.compile_classifier(files, classifier, &intent_ids, &compiled_intents);
 
         let compiled_services: Vec<Option<project::Service>> = services
             .iter()
@@ -497,6 +497,7 @@ impl<'a> Checker<'a> {
         files: &[load::LoadedFile],
         classifier: Option<(&Path, &Spanned<spec::Classifier>)>,
         intent_ids: &HashMap<&str, IntentId>,
+        intents: &[project::Intent],
     ) -> Option<project::Classifier> {
         let Some((file, classifier)) = classifier else {
             if !self.complete {
@@ -549,10 +550,13 @@ impl<'a> Checker<'a> {
             ),
             None => (None, None),
         };
+        let (prompt, answer_schema) = crate::intent::llm_instructions(intents);
         Some(project::Classifier {
             llm: project::LlmSettings {
                 model: model.unwrap_or_else(|| project::DEFAULT_LLM_MODEL.to_owned()),
                 timeout: timeout.unwrap_or(project::DEFAULT_LLM_TIMEOUT),
+                prompt,
+                answer_schema,
             },
             min_confidence,
             fallback: fallback?,

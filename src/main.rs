@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the flow project behind `POST /orchestrate` and `GET /health`.
+    Serve(ServeArgs),
     /// Check a flow project and report every problem, for CI and editors.
     Check(CheckArgs),
     /// Print the JSON Schema of the flow file format.
@@ -43,6 +45,40 @@ struct CheckArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     deny_warnings: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Project directory (holds `flows/` and `schemas/`).
+    #[arg(long, env = "MCP_PROJECT_DIR", default_value = ".")]
+    project_dir: PathBuf,
+    /// TCP port to listen on (all interfaces).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    port: u16,
+    /// `production` refuses to start while a service URL or a `${VAR}` is unset.
+    #[arg(long = "env", env = "MCP_ENV", default_value = "development")]
+    environment: String,
+    /// Answer every service call from the service's mock.
+    #[arg(long)]
+    mock: bool,
+    /// Time a request may take in all, service calls included.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: std::time::Duration,
+    /// On SIGTERM/SIGINT, time in-flight requests get to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: std::time::Duration,
+    /// A session is forgotten this long after its last turn.
+    #[arg(long, env = "SESSION_TTL", default_value = "30m", value_parser = humantime::parse_duration)]
+    session_ttl: std::time::Duration,
+    /// Most sessions held in memory; the least recently used go first.
+    #[arg(long, env = "SESSION_MAX", default_value_t = 100_000)]
+    session_max: u64,
+    /// Log level or EnvFilter directive.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// `json` or `pretty`; default: pretty on a terminal, JSON otherwise.
+    #[arg(long, env = "LOG_FORMAT")]
+    log_format: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -78,6 +114,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Schema => {
             let schema = mcp_orchestrator::spec::flow_file_json_schema();
@@ -130,4 +167,141 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
     } else {
         EXIT_OK
     })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    use mcp_orchestrator::server::{self, AppState, Environment, RuntimeSettings};
+    use mcp_orchestrator::telemetry::{self, LogFormat};
+
+    let environment = match args.environment.to_ascii_lowercase().as_str() {
+        "production" | "prod" => Environment::Production,
+        "development" | "dev" | "" => Environment::Development,
+        other => anyhow::bail!("MCP_ENV is `{other}`; use `production` or `development`"),
+    };
+    telemetry::init(
+        &args.log_level,
+        LogFormat::choose(args.log_format.as_deref()),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if !args.project_dir.is_dir() {
+        anyhow::bail!("`{}` is not a directory", args.project_dir.display());
+    }
+
+    // Start-up is a load from nothing, through the same path as `check`.
+    let variables: mcp_orchestrator::load::Environment = std::env::vars().collect();
+    let mut checked = check_project(&args.project_dir, &variables);
+    if environment == Environment::Production {
+        // In production an unset variable is an error, not a warning.
+        for diagnostic in &mut checked.diagnostics {
+            if diagnostic.code == diagnostic::Code::UnsetEnvVar {
+                diagnostic.severity = Severity::Error;
+            }
+        }
+    }
+    if !checked.diagnostics.is_empty() {
+        let color = std::io::stderr().is_terminal();
+        eprint!(
+            "{}",
+            diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
+        );
+    }
+    let project = match checked.project {
+        Some(project) if checked.diagnostics.iter().all(|d| !d.is_error()) => project,
+        _ => {
+            eprintln!(
+                "error: the project in `{}` is invalid; not starting",
+                args.project_dir.display()
+            );
+            return Ok(EXIT_INVALID_PROJECT);
+        }
+    };
+    let deployment = match server::deploy(project, environment, args.mock, 1) {
+        Ok(deployment) => deployment,
+        Err(missing) => {
+            for service in &missing {
+                eprintln!("error: {service}");
+            }
+            eprintln!(
+                "error: in production every service needs its URL (outside production a service with a mock runs on it)"
+            );
+            return Ok(EXIT_INVALID_PROJECT);
+        }
+    };
+    for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
+        if *mode == mcp_orchestrator::services::ServiceMode::Mock {
+            tracing::warn!(
+                event_type = "service_mock",
+                service_type = %service.name,
+                variable = service.url_variable.as_deref().unwrap_or(""),
+                "Service runs on its mock"
+            );
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = mcp_orchestrator::services::http_client()?;
+        let classifier: std::sync::Arc<dyn mcp_orchestrator::intent::Classifier> =
+            match std::env::var("OPENAI_API_KEY").ok().filter(|key| !key.trim().is_empty()) {
+                Some(api_key) => {
+                    tracing::info!(event_type = "startup", "Intents are classified by the LLM, with the rules as fallback");
+                    std::sync::Arc::new(mcp_orchestrator::intent::LlmClassifier::new(
+                        mcp_orchestrator::intent::LlmConnection {
+                            api_key,
+                            base_url: std::env::var("OPENAI_BASE_URL").ok().filter(|v| !v.is_empty()),
+                            model: std::env::var("OPENAI_MODEL").ok().filter(|v| !v.is_empty()),
+                        },
+                        http.clone(),
+                    ))
+                }
+                None => std::sync::Arc::new(mcp_orchestrator::intent::RuleClassifier),
+            };
+        let state = std::sync::Arc::new(AppState {
+            deployment: arc_swap::ArcSwap::from_pointee(deployment),
+            classifier,
+            sessions: std::sync::Arc::new(mcp_orchestrator::session::MemorySessionStore::new(
+                args.session_ttl,
+                args.session_max,
+            )),
+            transport: std::sync::Arc::new(mcp_orchestrator::services::HttpTransport::new(http)),
+            settings: RuntimeSettings {
+                environment,
+                request_timeout: args.request_timeout,
+            },
+            reload: std::sync::Mutex::new(Default::default()),
+        });
+        let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
+        server::serve(listener, state, shutdown_signal(), args.shutdown_grace).await?;
+        tracing::info!(event_type = "shutdown", "Stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(EXIT_OK)
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
 }

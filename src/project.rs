@@ -99,6 +99,10 @@ pub struct Classifier {
 pub struct LlmSettings {
     pub model: String,
     pub timeout: Duration,
+    /// The system prompt: every intent with its description and examples.
+    pub prompt: String,
+    /// Structured-output schema: `intent` is an enum of the declared names.
+    pub answer_schema: serde_json::Value,
 }
 
 pub const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";

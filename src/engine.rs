@@ -1,0 +1,566 @@
+//! The step interpreter: one conversation turn over a compiled project.
+//!
+//! A turn classifies the text, reads the session, runs the intent's flow
+//! step by step until a reply, and applies the session changes. All IO comes
+//! in through `TurnDeps` (classifier, session store, service transport), so
+//! the same engine serves HTTP and runs flow tests with stubs. The engine
+//! knows nothing of axum and never re-validates configuration: the project
+//! it runs was proven consistent by `check`.
+
+use std::collections::BTreeMap;
+
+use futures_util::future::{BoxFuture, join_all};
+use minijinja::Value;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::intent::Classifier;
+use crate::project::{Action, Call, CompiledProject, Flow, Step, StepSource};
+use crate::services::{self, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport};
+use crate::session::{SessionStore, TurnUpdate};
+use crate::template::ValueTemplate;
+
+/// Elements a `foreach` may walk in one turn; a longer list is an error.
+pub const MAX_FOREACH_ITEMS: usize = 100;
+
+/// One turn's input, already validated by the caller.
+#[derive(Debug, Clone)]
+pub struct TurnRequest {
+    pub text: String,
+    pub user_id: String,
+    pub channel: String,
+    pub session_id: String,
+    pub trace_id: String,
+    pub tenant: Option<String>,
+    /// Every other field of the request.
+    pub input: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Everything a turn needs from outside.
+pub struct TurnDeps<'a> {
+    pub project: &'a CompiledProject,
+    /// How each service is reached, indexed by `ServiceId`.
+    pub modes: &'a [ServiceMode],
+    pub classifier: &'a dyn Classifier,
+    pub sessions: &'a dyn SessionStore,
+    pub transport: &'a dyn Transport,
+    /// The turn must have its answer by then.
+    pub deadline: Instant,
+}
+
+/// The answer of a turn.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnOutcome {
+    /// `reply`, or `error` when a failed call ended the flow.
+    pub decision: String,
+    pub reply_text: String,
+    pub route: String,
+    pub intent: String,
+    pub intent_confidence: f64,
+    /// Where the intent came from: `rules` or `llm`.
+    pub intent_source: &'static str,
+    pub service_spans: Vec<ServiceSpan>,
+    /// The reply's structured `data`, when it has one.
+    pub data: Option<serde_json::Value>,
+    /// The flow that ran.
+    pub flow: String,
+    /// Set when the session store could not be used; the turn went on
+    /// without it.
+    pub session_error: Option<String>,
+}
+
+/// Why a turn has no answer: a fault of the project's templates at run time.
+#[derive(Debug, Clone)]
+pub struct TurnError {
+    pub message: String,
+    /// The step being run.
+    pub step: Option<StepSource>,
+}
+
+impl std::fmt::Display for TurnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.step {
+            Some(step) => write!(
+                f,
+                "{} (step at {}:{}:{})",
+                self.message,
+                step.file.display(),
+                step.line,
+                step.column
+            ),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// A reply that ends the flow.
+struct ReplyOut {
+    text: String,
+    route: String,
+    decision: String,
+    data: Option<serde_json::Value>,
+}
+
+enum Control {
+    Next,
+    Reply(ReplyOut),
+}
+
+/// Runs one turn.
+pub async fn run_turn(
+    deps: &TurnDeps<'_>,
+    request: &TurnRequest,
+) -> Result<TurnOutcome, TurnError> {
+    let project = deps.project;
+    let classification = deps.classifier.classify(project, &request.text).await;
+    let intent = project.intent(classification.intent);
+    let flow = project.flow_for(classification.intent);
+    tracing::debug!(
+        event_type = "intent_classified",
+        intent = %intent.name,
+        confidence = classification.confidence,
+        source = classification.source.as_str(),
+        "Intent classified"
+    );
+
+    let mut session_error = None;
+    let session = match deps.sessions.load(&request.session_id).await {
+        Ok(session) => session,
+        Err(error) => {
+            tracing::warn!(event_type = "session_error", error = %error, "Session could not be read");
+            session_error = Some(error.to_string());
+            crate::session::Session::default()
+        }
+    };
+
+    let mut context = BTreeMap::new();
+    context.insert("text", Value::from(request.text.as_str()));
+    context.insert("user_id", Value::from(request.user_id.as_str()));
+    context.insert("channel", Value::from(request.channel.as_str()));
+    context.insert("session_id", Value::from(request.session_id.as_str()));
+    context.insert("trace_id", Value::from(request.trace_id.as_str()));
+    context.insert(
+        "tenant",
+        request
+            .tenant
+            .as_deref()
+            .map_or(Value::from(()), Value::from),
+    );
+    context.insert("input", Value::from_serialize_json(&request.input));
+    context.insert(
+        "intent",
+        map_value([
+            ("name", Value::from(intent.name.as_str())),
+            ("confidence", Value::from(classification.confidence)),
+            (
+                "entities",
+                Value::from_serialize_json(&classification.entities),
+            ),
+        ]),
+    );
+    context.insert("session", Value::from_serialize_json(&session.variables));
+    let mut run = Run {
+        deps,
+        flow,
+        context: context
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        session_variables: session.variables,
+        session_set: serde_json::Map::new(),
+        spans: Vec::new(),
+        trace: trace_headers(&request.trace_id),
+    };
+    tracing::debug!(event_type = "flow_start", flow = %flow.name, "Flow started");
+    let reply = match run.steps(&flow.steps).await? {
+        Control::Reply(reply) => reply,
+        // `check` proves every path replies; this is the last resort.
+        Control::Next => {
+            return Err(TurnError {
+                message: format!("flow `{}` ended without a reply", flow.name),
+                step: None,
+            });
+        }
+    };
+    let update = TurnUpdate {
+        route: reply.route.clone(),
+        variables: std::mem::take(&mut run.session_set),
+    };
+    if let Err(error) = deps.sessions.apply(&request.session_id, &update).await {
+        tracing::warn!(event_type = "session_error", error = %error, "Session could not be updated");
+        session_error = Some(error.to_string());
+    }
+    Ok(TurnOutcome {
+        decision: reply.decision,
+        reply_text: reply.text,
+        route: reply.route,
+        intent: intent.name.clone(),
+        intent_confidence: classification.confidence,
+        intent_source: classification.source.as_str(),
+        service_spans: run.spans,
+        data: reply.data,
+        flow: flow.name.clone(),
+        session_error,
+    })
+}
+
+/// W3C trace context for outgoing calls: the trace id when it is 32 hex
+/// digits, else a hash of it, and a new span id.
+pub fn trace_headers(trace_id: &str) -> TraceHeaders {
+    let w3c_trace_id = if trace_id.len() == 32
+        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace_id.bytes().any(|b| b != b'0')
+    {
+        trace_id.to_ascii_lowercase()
+    } else {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(trace_id.as_bytes());
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    };
+    let span_id = uuid::Uuid::new_v4().simple().to_string();
+    TraceHeaders {
+        trace_id: trace_id.to_owned(),
+        traceparent: format!("00-{w3c_trace_id}-{}-01", &span_id[..16]),
+    }
+}
+
+/// A template map from fixed keys.
+fn map_value<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::from(
+        entries
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect::<BTreeMap<String, Value>>(),
+    )
+}
+
+trait FromSerializeJson {
+    fn from_serialize_json<T: Serialize>(value: &T) -> Value;
+}
+
+impl FromSerializeJson for Value {
+    fn from_serialize_json<T: Serialize>(value: &T) -> Value {
+        Value::from(minijinja::value::Serde(value))
+    }
+}
+
+struct Run<'a, 'd> {
+    deps: &'a TurnDeps<'d>,
+    flow: &'a Flow,
+    context: BTreeMap<String, Value>,
+    /// The session's variables, including those set in this turn.
+    session_variables: serde_json::Map<String, serde_json::Value>,
+    /// Variables set in this turn, applied to the store at the end.
+    session_set: serde_json::Map<String, serde_json::Value>,
+    spans: Vec<ServiceSpan>,
+    trace: TraceHeaders,
+}
+
+impl<'a, 'd> Run<'a, 'd> {
+    fn context_value(&self) -> Value {
+        Value::from(self.context.clone())
+    }
+
+    fn template_error(step: &Step, error: &minijinja::Error) -> TurnError {
+        let mut message = error.kind().to_string();
+        if let Some(detail) = error.detail() {
+            message.push_str(": ");
+            message.push_str(detail);
+        }
+        TurnError {
+            message,
+            step: Some(step.source.clone()),
+        }
+    }
+
+    fn evaluate(&self, step: &Step, id: crate::template::ExpressionId) -> Result<Value, TurnError> {
+        self.deps
+            .project
+            .templates
+            .evaluate(id, &self.context_value())
+            .map_err(|error| Self::template_error(step, &error))
+    }
+
+    fn render_value(
+        &self,
+        step: &Step,
+        value: &ValueTemplate,
+    ) -> Result<serde_json::Value, TurnError> {
+        self.deps
+            .project
+            .templates
+            .render_value(value, &self.context_value())
+            .map_err(|error| Self::template_error(step, &error))
+    }
+
+    fn steps<'s>(&'s mut self, steps: &'a [Step]) -> BoxFuture<'s, Result<Control, TurnError>> {
+        Box::pin(async move {
+            for step in steps {
+                if let Some(condition) = step.condition
+                    && !self.evaluate(step, condition)?.is_true()
+                {
+                    if let Control::Reply(reply) = self.steps(&step.otherwise).await? {
+                        return Ok(Control::Reply(reply));
+                    }
+                    continue;
+                }
+                if let Control::Reply(reply) = self.action(step).await? {
+                    return Ok(Control::Reply(reply));
+                }
+            }
+            Ok(Control::Next)
+        })
+    }
+
+    async fn action(&mut self, step: &'a Step) -> Result<Control, TurnError> {
+        match &step.action {
+            Action::Call(call) => {
+                let body = match &call.body {
+                    Some(body) => Some(self.render_value(step, body)?),
+                    None => None,
+                };
+                let outcome = self.send(call, body.as_ref()).await;
+                match outcome {
+                    Ok(value) => {
+                        if let Some(id) = &step.id {
+                            self.context
+                                .insert(id.clone(), Value::from_serialize_json(&value));
+                        }
+                        Ok(Control::Next)
+                    }
+                    Err(error) => self.failed(step, call, &error).await.map(Control::Reply),
+                }
+            }
+            Action::Reply(reply) => {
+                let context = self.context_value();
+                let templates = &self.deps.project.templates;
+                let text = templates
+                    .render(reply.text, &context)
+                    .map_err(|error| Self::template_error(step, &error))?;
+                let data = match &reply.data {
+                    Some(data) => Some(self.render_value(step, data)?),
+                    None => None,
+                };
+                Ok(Control::Reply(ReplyOut {
+                    text: text.trim().to_owned(),
+                    route: reply.route.clone(),
+                    decision: reply.decision.clone(),
+                    data,
+                }))
+            }
+            Action::Set(values) => {
+                for (name, value) in values {
+                    let value = self.render_value(step, value)?;
+                    self.session_variables.insert(name.clone(), value.clone());
+                    self.session_set.insert(name.clone(), value);
+                }
+                self.context.insert(
+                    "session".to_owned(),
+                    Value::from_serialize_json(&self.session_variables),
+                );
+                Ok(Control::Next)
+            }
+            Action::Then(steps) => self.steps(steps).await,
+            Action::Switch(switch) => {
+                let value = self.evaluate(step, switch.value)?;
+                let key = match value.as_str() {
+                    Some(text) => text.to_owned(),
+                    None => value.to_string(),
+                };
+                let steps = switch
+                    .cases
+                    .iter()
+                    .find(|(case, _)| *case == key)
+                    .map_or(&switch.default, |(_, steps)| steps);
+                self.steps(steps).await
+            }
+            Action::Parallel(branches) => self.parallel(branches).await,
+            Action::Foreach(foreach) => {
+                let list = self.evaluate(step, foreach.list)?;
+                let items: Vec<Value> = match list.try_iter() {
+                    Ok(items) => items.take(MAX_FOREACH_ITEMS + 1).collect(),
+                    Err(_) if list.is_undefined() || list.is_none() => Vec::new(),
+                    Err(error) => return Err(Self::template_error(step, &error)),
+                };
+                if items.len() > MAX_FOREACH_ITEMS {
+                    return Err(TurnError {
+                        message: format!("`foreach` walks at most {MAX_FOREACH_ITEMS} elements"),
+                        step: Some(step.source.clone()),
+                    });
+                }
+                let mut collected = Vec::with_capacity(items.len());
+                let saved = self.context.get(&foreach.binding).cloned();
+                for item in items {
+                    self.context.insert(foreach.binding.clone(), item);
+                    let control = self.steps(&foreach.steps).await?;
+                    let mut results = serde_json::Map::new();
+                    for inner in &foreach.steps {
+                        if let Some(id) = &inner.id
+                            && let Some(value) = self.context.remove(id)
+                        {
+                            results.insert(
+                                id.clone(),
+                                serde_json::to_value(&value).unwrap_or(serde_json::Value::Null),
+                            );
+                        }
+                    }
+                    collected.push(serde_json::Value::Object(results));
+                    if let Control::Reply(reply) = control {
+                        return Ok(Control::Reply(reply));
+                    }
+                }
+                match saved {
+                    Some(saved) => self.context.insert(foreach.binding.clone(), saved),
+                    None => self.context.remove(&foreach.binding),
+                };
+                if let Some(id) = &step.id {
+                    self.context
+                        .insert(id.clone(), Value::from_serialize_json(&collected));
+                }
+                Ok(Control::Next)
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        call: &Call,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, ServiceError> {
+        let project = self.deps.project;
+        let service = project.service(call.service);
+        let mode = &self.deps.modes[call.service.0 as usize];
+        tracing::debug!(event_type = "service_call", service_type = %service.name, io = "out", "Calling service");
+        let outcome = services::call(
+            self.deps.transport,
+            service,
+            mode,
+            body,
+            &self.trace,
+            self.deps.deadline,
+        )
+        .await;
+        log_outcome(&outcome.span, outcome.result.as_ref().err());
+        self.spans.push(outcome.span);
+        outcome.result
+    }
+
+    async fn parallel(&mut self, branches: &'a [Step]) -> Result<Control, TurnError> {
+        let mut planned: Vec<(&'a Step, &'a Call, Option<serde_json::Value>)> = Vec::new();
+        for branch in branches {
+            if let Some(condition) = branch.condition
+                && !self.evaluate(branch, condition)?.is_true()
+            {
+                continue;
+            }
+            if let Action::Call(call) = &branch.action {
+                let body = match &call.body {
+                    Some(body) => Some(self.render_value(branch, body)?),
+                    None => None,
+                };
+                planned.push((branch, call, body));
+            }
+        }
+        let project = self.deps.project;
+        let calls = planned.iter().map(|(_, call, body)| {
+            services::call(
+                self.deps.transport,
+                project.service(call.service),
+                &self.deps.modes[call.service.0 as usize],
+                body.as_ref(),
+                &self.trace,
+                self.deps.deadline,
+            )
+        });
+        let outcomes = join_all(calls).await;
+        let mut first_failure = None;
+        for ((branch, call, _), outcome) in planned.iter().zip(outcomes) {
+            log_outcome(&outcome.span, outcome.result.as_ref().err());
+            self.spans.push(outcome.span);
+            match outcome.result {
+                Ok(value) => {
+                    if let Some(id) = &branch.id {
+                        self.context
+                            .insert(id.clone(), Value::from_serialize_json(&value));
+                    }
+                }
+                Err(error) => {
+                    if first_failure.is_none() {
+                        first_failure = Some((*branch, *call, error));
+                    }
+                }
+            }
+        }
+        match first_failure {
+            Some((branch, call, error)) => {
+                self.failed(branch, call, &error).await.map(Control::Reply)
+            }
+            None => Ok(Control::Next),
+        }
+    }
+
+    /// A call failed: its `on_error`, else the flow's, else the default apology.
+    async fn failed(
+        &mut self,
+        step: &'a Step,
+        call: &'a Call,
+        error: &ServiceError,
+    ) -> Result<ReplyOut, TurnError> {
+        let service = self.deps.project.service(call.service);
+        self.context.insert(
+            "error".to_owned(),
+            map_value([
+                ("code", Value::from(error.code.as_str())),
+                ("message", Value::from(error.message.as_str())),
+                ("service", Value::from(service.name.as_str())),
+                ("status", error.status.map_or(Value::from(()), Value::from)),
+            ]),
+        );
+        let handler = call.on_error.as_deref().or(self.flow.on_error.as_deref());
+        if let Some(handler) = handler
+            && let Control::Reply(reply) = self.steps(handler).await?
+        {
+            return Ok(reply);
+        }
+        let project = self.deps.project;
+        let text = project
+            .templates
+            .render(project.defaults.error_reply, &self.context_value())
+            .map_err(|error| Self::template_error(step, &error))?;
+        Ok(ReplyOut {
+            text: text.trim().to_owned(),
+            route: project
+                .defaults
+                .error_route
+                .clone()
+                .unwrap_or_else(|| self.flow.name.clone()),
+            decision: "error".to_owned(),
+            data: None,
+        })
+    }
+}
+
+fn log_outcome(span: &ServiceSpan, error: Option<&ServiceError>) {
+    match error {
+        None => tracing::debug!(
+            event_type = "service_return",
+            service_type = %span.service,
+            io = "in",
+            status = span.status,
+            latency_ms = span.latency_ms,
+            attempts = span.attempts,
+            "Service answered"
+        ),
+        Some(error) => tracing::warn!(
+            event_type = "service_error",
+            service_type = %span.service,
+            io = "in",
+            status = span.status,
+            latency_ms = span.latency_ms,
+            attempts = span.attempts,
+            code = error.code.as_str(),
+            error = %error.message,
+            "Service call failed"
+        ),
+    }
+}

@@ -1,0 +1,378 @@
+//! Intent classification: the `Classifier` trait, the rule classifier, and
+//! the LLM classifier that falls back to the rules on any failure.
+//!
+//! Knows nothing about HTTP routes; takes a compiled project and the user's
+//! text, returns an intent id, a confidence and the entities found.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, CreateChatCompletionRequest, ResponseFormat,
+    ResponseFormatJsonSchema,
+};
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::project::{CompiledProject, IntentId};
+
+/// Where a classification came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Rules,
+    Llm,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Rules => "rules",
+            Source::Llm => "llm",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Classification {
+    pub intent: IntentId,
+    /// 0.0 to 1.0.
+    pub confidence: f64,
+    /// Entity name → value, for the entities of `intent` found in the text.
+    pub entities: BTreeMap<String, String>,
+    pub source: Source,
+    /// Why the LLM was not used, when it was configured but failed.
+    pub fallback_reason: Option<String>,
+}
+
+/// Classifies user text into one of the project's intents.
+pub trait Classifier: Send + Sync {
+    fn classify<'a>(
+        &'a self,
+        project: &'a CompiledProject,
+        text: &'a str,
+    ) -> BoxFuture<'a, Classification>;
+}
+
+/// Keyword rules: whole words, case-insensitive, most specific match wins.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RuleClassifier;
+
+impl Classifier for RuleClassifier {
+    fn classify<'a>(
+        &'a self,
+        project: &'a CompiledProject,
+        text: &'a str,
+    ) -> BoxFuture<'a, Classification> {
+        Box::pin(async move { classify_by_rules(project, text) })
+    }
+}
+
+/// Lower-cases and reduces the text to words separated by single spaces,
+/// with a space at each end, so a keyword matches as ` word `.
+pub fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push(' ');
+    let mut last_was_space = true;
+    for character in text.chars() {
+        if character.is_alphanumeric() || character == '\'' || character == '’' {
+            let character = if character == '’' { '\'' } else { character };
+            out.extend(character.to_lowercase());
+            last_was_space = false;
+        } else if !last_was_space {
+            out.push(' ');
+            last_was_space = true;
+        }
+    }
+    if !last_was_space {
+        out.push(' ');
+    }
+    out
+}
+
+/// The score of a keyword match: more words beat fewer, then longer text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Score {
+    words: usize,
+    characters: usize,
+}
+
+/// Confidence for a match of `words` words: one word 0.7, two 0.85, three
+/// or more 0.95. A match is evidence, never certainty.
+fn confidence_for(words: usize) -> f64 {
+    match words {
+        0 => 0.0,
+        1 => 0.7,
+        2 => 0.85,
+        _ => 0.95,
+    }
+}
+
+pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classification {
+    let normalized = normalize(text);
+    let mut best: Option<(Score, IntentId)> = None;
+    for (index, intent) in project.intents.iter().enumerate() {
+        for keyword in &intent.keywords {
+            if !contains_phrase(&normalized, keyword) {
+                continue;
+            }
+            let score = Score {
+                words: keyword.split(' ').count(),
+                characters: keyword.len(),
+            };
+            if best.is_none_or(|(best_score, _)| score > best_score) {
+                best = Some((score, IntentId(index as u32)));
+            }
+        }
+    }
+    let (intent, confidence) = match best {
+        Some((score, intent)) => (intent, confidence_for(score.words)),
+        None => (project.classifier.fallback, 0.0),
+    };
+    finish(project, text, intent, confidence, Source::Rules, None)
+}
+
+/// `normalized` is ` words like this `; the keyword is `like this`.
+fn contains_phrase(normalized: &str, keyword: &str) -> bool {
+    let bytes = normalized.as_bytes();
+    normalized.match_indices(keyword).any(|(start, _)| {
+        let end = start + keyword.len();
+        start > 0 && bytes[start - 1] == b' ' && bytes.get(end) == Some(&b' ')
+    })
+}
+
+/// Applies `min_confidence` and extracts the entities of the chosen intent.
+fn finish(
+    project: &CompiledProject,
+    text: &str,
+    intent: IntentId,
+    confidence: f64,
+    source: Source,
+    fallback_reason: Option<String>,
+) -> Classification {
+    let intent = if confidence < project.classifier.min_confidence {
+        project.classifier.fallback
+    } else {
+        intent
+    };
+    let mut entities = BTreeMap::new();
+    for entity in &project.intent(intent).entities {
+        if let Some(captures) = entity.pattern.captures(text) {
+            let found = captures.get(1).or_else(|| captures.get(0));
+            if let Some(found) = found {
+                entities.insert(entity.name.clone(), found.as_str().to_owned());
+            }
+        }
+    }
+    Classification {
+        intent,
+        confidence,
+        entities,
+        source,
+        fallback_reason,
+    }
+}
+
+/// How to reach an OpenAI-compatible API.
+#[derive(Clone)]
+pub struct LlmConnection {
+    pub api_key: String,
+    /// `OPENAI_BASE_URL`, e.g. `http://127.0.0.1:8081/v1`; `None` for OpenAI.
+    pub base_url: Option<String>,
+    /// `OPENAI_MODEL`, overriding the project's model when set.
+    pub model: Option<String>,
+}
+
+impl std::fmt::Debug for LlmConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmConnection")
+            .field("api_key", &"<redacted>")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// The LLM classifier: asks the model for one of the declared intents
+/// through a structured-output schema, and falls back to the rules on any
+/// failure (timeout, HTTP error, malformed or undeclared answer).
+pub struct LlmClassifier {
+    client: Client<OpenAIConfig>,
+    model_override: Option<String>,
+}
+
+impl LlmClassifier {
+    /// `http` is the process's shared HTTP client.
+    pub fn new(connection: LlmConnection, http: reqwest::Client) -> LlmClassifier {
+        let mut config = OpenAIConfig::new().with_api_key(connection.api_key);
+        if let Some(base_url) = connection.base_url {
+            config = config.with_api_base(base_url.trim_end_matches('/'));
+        }
+        // The client makes one attempt per call (no retry middleware): the
+        // single retry is done here, inside the classification deadline, so
+        // no Retry-After can make a turn wait.
+        let client = Client::with_config(config).with_http_client(http);
+        LlmClassifier {
+            client,
+            model_override: connection.model,
+        }
+    }
+
+    async fn ask(&self, project: &CompiledProject, text: &str) -> Result<(IntentId, f64), String> {
+        let model = self
+            .model_override
+            .clone()
+            .unwrap_or_else(|| project.classifier.llm.model.clone());
+        let request = CreateChatCompletionRequest {
+            model,
+            messages: vec![
+                ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage::from(
+                    project.classifier.llm.prompt.as_str(),
+                )),
+                ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(text)),
+            ],
+            temperature: Some(0.0),
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema {
+                    name: "intent_classification".to_owned(),
+                    description: Some("The intent of the user's message".to_owned()),
+                    schema: project.classifier.llm.answer_schema.clone(),
+                    strict: Some(true),
+                },
+            }),
+            ..Default::default()
+        };
+        let response = self
+            .client
+            .chat()
+            .create(request)
+            .await
+            .map_err(|error| format!("request failed: {error}"))?;
+        let content = response
+            .choices
+            .first()
+            .and_then(|choice| choice.message.content.as_deref())
+            .ok_or_else(|| "the answer has no content".to_owned())?;
+        #[derive(Deserialize)]
+        struct Answer {
+            intent: String,
+            confidence: f64,
+        }
+        let answer: Answer = serde_json::from_str(content)
+            .map_err(|error| format!("the answer is not the expected JSON: {error}"))?;
+        let intent = project
+            .intent_by_name(&answer.intent)
+            .ok_or_else(|| format!("the answer names an undeclared intent `{}`", answer.intent))?;
+        if !(0.0..=1.0).contains(&answer.confidence) {
+            return Err(format!(
+                "the answer's confidence {} is not between 0 and 1",
+                answer.confidence
+            ));
+        }
+        Ok((intent, answer.confidence))
+    }
+}
+
+/// At most this many tries of the LLM per classification.
+const LLM_ATTEMPTS: u32 = 2;
+
+impl Classifier for LlmClassifier {
+    fn classify<'a>(
+        &'a self,
+        project: &'a CompiledProject,
+        text: &'a str,
+    ) -> BoxFuture<'a, Classification> {
+        Box::pin(async move {
+            let timeout = project.classifier.llm.timeout;
+            let started = Instant::now();
+            let mut reason = String::new();
+            for attempt in 1..=LLM_ATTEMPTS {
+                let remaining = timeout.saturating_sub(started.elapsed());
+                if remaining.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(remaining, self.ask(project, text)).await {
+                    Ok(Ok((intent, confidence))) => {
+                        return finish(project, text, intent, confidence, Source::Llm, None);
+                    }
+                    Ok(Err(error)) => reason = error,
+                    Err(_) => {
+                        reason =
+                            format!("no answer within {}", humantime::format_duration(timeout));
+                        break;
+                    }
+                }
+                if attempt < LLM_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                }
+            }
+            tracing::warn!(
+                event_type = "intent_fallback",
+                reason = %reason,
+                "LLM classification failed; using the rules"
+            );
+            let mut classification = classify_by_rules(project, text);
+            classification.fallback_reason = Some(reason);
+            classification
+        })
+    }
+}
+
+/// The system prompt and the structured-output schema for the LLM, built
+/// once from the project's intents when the project is compiled.
+pub fn llm_instructions(intents: &[crate::project::Intent]) -> (String, serde_json::Value) {
+    use std::fmt::Write as _;
+    let mut prompt = String::from(
+        "You classify the message of a customer of a restaurant's ordering assistant into \
+         exactly one of the intents below. Answer with the intent's name and your confidence \
+         between 0 and 1.\n\nIntents:\n",
+    );
+    for intent in intents {
+        let _ = write!(prompt, "- {}", intent.name);
+        if !intent.description.is_empty() {
+            let _ = write!(prompt, ": {}", intent.description);
+        }
+        prompt.push('\n');
+        for example in &intent.examples {
+            let _ = writeln!(prompt, "    example: {example}");
+        }
+    }
+    let names: Vec<&str> = intents.iter().map(|intent| intent.name.as_str()).collect();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "intent": {"type": "string", "enum": names},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1}
+        },
+        "required": ["intent", "confidence"],
+        "additionalProperties": false
+    });
+    (prompt, schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_keeps_words_and_apostrophes() {
+        assert_eq!(
+            normalize("Track MY order, please!"),
+            " track my order please "
+        );
+        assert_eq!(normalize("I’d like…"), " i'd like ");
+        assert_eq!(normalize(""), " ");
+    }
+
+    #[test]
+    fn phrases_match_whole_words_only() {
+        let text = normalize("Can you track this order?");
+        assert!(contains_phrase(&text, "track"));
+        assert!(contains_phrase(&text, "this order"));
+        assert!(!contains_phrase(&text, "hi"));
+        assert!(!contains_phrase(&text, "rack"));
+        assert!(!contains_phrase(&text, "track this ord"));
+    }
+}

@@ -1,0 +1,576 @@
+//! The HTTP surface: `POST /orchestrate`, `GET /health`, problem+json errors.
+//!
+//! Holds no business logic: it validates the request, hands it to
+//! `engine::run_turn` with the deployment current when the request arrived,
+//! and shapes the answer. The live deployment sits in an `ArcSwap`, so a
+//! request keeps the project it started with and a swap never waits for one.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use crate::engine::{self, TurnDeps, TurnRequest};
+use crate::intent::Classifier;
+use crate::project::CompiledProject;
+use crate::services::{ServiceMode, ServiceSpan, Transport};
+use crate::session::SessionStore;
+
+/// Largest request body accepted.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Whether unset service URLs fall back to mocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// A compiled project with the decisions of this deployment: how each
+/// service is reached.
+#[derive(Debug)]
+pub struct Deployment {
+    pub project: Arc<CompiledProject>,
+    /// Indexed by `ServiceId`.
+    pub modes: Vec<ServiceMode>,
+    /// 1 for the project loaded at start-up, +1 for each reload.
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+}
+
+/// Why a project cannot be deployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingServiceUrl {
+    pub service: String,
+    /// The environment variable the URL comes from, when known.
+    pub variable: Option<String>,
+}
+
+impl std::fmt::Display for MissingServiceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.variable {
+            Some(variable) => write!(f, "service `{}` has no URL: set `{variable}`", self.service),
+            None => write!(f, "service `{}` has no URL", self.service),
+        }
+    }
+}
+
+/// Decides how each service is reached: its URL; its mock when forced, or
+/// in development when it has no URL. In production a service without a URL
+/// is an error.
+pub fn deploy(
+    project: CompiledProject,
+    environment: Environment,
+    force_mock: bool,
+    generation: u64,
+) -> Result<Deployment, Vec<MissingServiceUrl>> {
+    let mut modes = Vec::with_capacity(project.services.len());
+    let mut missing = Vec::new();
+    for service in &project.services {
+        let mode = match (&service.url, force_mock) {
+            (_, true) => ServiceMode::Mock,
+            (Some(url), false) => ServiceMode::Live(url.clone()),
+            (None, false) => {
+                if environment == Environment::Production || service.mock.is_none() {
+                    missing.push(MissingServiceUrl {
+                        service: service.name.clone(),
+                        variable: service.url_variable.clone(),
+                    });
+                }
+                ServiceMode::Mock
+            }
+        };
+        modes.push(mode);
+    }
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    Ok(Deployment {
+        project: Arc::new(project),
+        modes,
+        generation,
+        loaded_at: SystemTime::now(),
+    })
+}
+
+/// What `/health` says about reloads; filled by the reloader.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadStatus {
+    pub last_success_at: Option<String>,
+    pub last_error: Option<ReloadError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadError {
+    pub at: String,
+    pub message: String,
+    pub diagnostics: Vec<crate::diagnostic::Diagnostic>,
+}
+
+/// Settings of the running service.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub environment: Environment,
+    /// Every request has its answer within this time.
+    pub request_timeout: Duration,
+}
+
+/// Everything the handlers share. Each field says why it is here.
+pub struct AppState {
+    /// The live deployment; swapped whole by reloads.
+    pub deployment: ArcSwap<Deployment>,
+    /// Rules, or the LLM with the rules as fallback.
+    pub classifier: Arc<dyn Classifier>,
+    /// Outlives deployments: a reload keeps every session.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Outlives deployments: a reload keeps the connection pool.
+    pub transport: Arc<dyn Transport>,
+    pub settings: RuntimeSettings,
+    pub reload: Mutex<ReloadStatus>,
+}
+
+/// The router, for the server and for in-process tests.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/orchestrate", post(orchestrate))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+/// An error answer: RFC 9457 problem details with a stable `code`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    /// JSON pointer of the offending request field.
+    pub pointer: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            detail: detail.into(),
+            pointer: None,
+            trace_id: None,
+        }
+    }
+
+    fn invalid(
+        status: StatusCode,
+        pointer: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            pointer: Some(pointer.into()),
+            ..ApiError::new(status, "invalid_request", detail)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let title = self.status.canonical_reason().unwrap_or("Error").to_owned();
+        let mut body = json!({
+            "type": "about:blank",
+            "title": title,
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        if let Some(pointer) = self.pointer {
+            body["pointer"] = Json::String(pointer);
+        }
+        if let Some(trace_id) = &self.trace_id {
+            body["trace_id"] = Json::String(trace_id.clone());
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(value) = self.trace_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+            response.headers_mut().insert("x-trace-id", value);
+        }
+        response
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; use POST /orchestrate or GET /health",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// A JSON object body, with every rejection in the problem+json shape.
+struct JsonObject(serde_json::Map<String, Json>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request",
+                "the body must be JSON, sent with `content-type: application/json`",
+            ));
+        }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the body is larger than {MAX_REQUEST_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the body could not be read",
+                    )
+                }
+            })?;
+        match serde_json::from_slice::<Json>(&bytes) {
+            Ok(Json::Object(object)) => Ok(JsonObject(object)),
+            Ok(_) => Err(ApiError::invalid(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "",
+                "the body must be a JSON object",
+            )),
+            Err(error) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the body is not valid JSON: {error}"),
+            )),
+        }
+    }
+}
+
+/// Fields of the request the envelope owns; every other field is `input`.
+const ENVELOPE_FIELDS: &[&str] = &[
+    "text",
+    "user_id",
+    "channel",
+    "session_id",
+    "trace_id",
+    "tenant",
+];
+
+/// The answer envelope, compatible with the Python service's.
+#[derive(Debug, Serialize)]
+pub struct Envelope {
+    pub decision: String,
+    pub reply_text: String,
+    pub session_id: String,
+    pub route: String,
+    pub intent: String,
+    pub intent_confidence: f64,
+    pub trace_id: String,
+    pub service_spans: Vec<ServiceSpan>,
+    pub data: Option<Json>,
+}
+
+async fn orchestrate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<JsonObject, ApiError>,
+) -> Result<Response, ApiError> {
+    let deployment = state.deployment.load_full();
+    let JsonObject(body) = body?;
+    let project = &deployment.project;
+    if let Some(schema) = &project.request_schema {
+        let instance = Json::Object(body.clone());
+        if let Some(error) = schema.iter_errors(&instance).next() {
+            let pointer = error.instance_path().to_string();
+            return Err(ApiError::invalid(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                pointer.clone(),
+                format!(
+                    "{} at `{}`",
+                    error,
+                    if pointer.is_empty() { "/" } else { &pointer }
+                ),
+            ));
+        }
+    }
+    let request = turn_request(body, &headers)?;
+    let deps = TurnDeps {
+        project,
+        modes: &deployment.modes,
+        classifier: state.classifier.as_ref(),
+        sessions: state.sessions.as_ref(),
+        transport: state.transport.as_ref(),
+        deadline: tokio::time::Instant::now() + state.settings.request_timeout,
+    };
+    let outcome = match engine::run_turn(&deps, &request).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::error!(
+                event_type = "template_error",
+                trace_id = %request.trace_id,
+                error = %error,
+                "The flow failed"
+            );
+            return Err(ApiError {
+                trace_id: Some(request.trace_id),
+                ..ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "template_error",
+                    "the flow could not build its answer; the trace id identifies it in the logs",
+                )
+            });
+        }
+    };
+    tracing::info!(
+        event_type = "output",
+        trace_id = %request.trace_id,
+        session_id = %request.session_id,
+        route = %outcome.route,
+        intent = %outcome.intent,
+        decision = %outcome.decision,
+        "Turn answered"
+    );
+    let envelope = Envelope {
+        decision: outcome.decision,
+        reply_text: outcome.reply_text,
+        session_id: request.session_id,
+        route: outcome.route,
+        intent: outcome.intent,
+        intent_confidence: outcome.intent_confidence,
+        trace_id: request.trace_id.clone(),
+        service_spans: outcome.service_spans,
+        data: outcome.data,
+    };
+    let mut response = axum::Json(envelope).into_response();
+    if let Ok(value) = HeaderValue::from_str(&request.trace_id) {
+        response.headers_mut().insert("x-trace-id", value);
+    }
+    Ok(response)
+}
+
+fn turn_request(
+    mut body: serde_json::Map<String, Json>,
+    headers: &HeaderMap,
+) -> Result<TurnRequest, ApiError> {
+    let text = required_string(&body, "text")?;
+    let user_id = required_string(&body, "user_id")?;
+    let channel = optional_string(&body, "channel")?.unwrap_or_else(|| "web".to_owned());
+    let session_id =
+        optional_string(&body, "session_id")?.unwrap_or_else(|| format!("{user_id}:{channel}"));
+    let trace_id = match optional_string(&body, "trace_id")? {
+        Some(trace_id) => trace_id,
+        None => trace_id_from_traceparent(headers)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+    };
+    let tenant = optional_string(&body, "tenant")?;
+    for field in ENVELOPE_FIELDS {
+        body.remove(*field);
+    }
+    Ok(TurnRequest {
+        text,
+        user_id,
+        channel,
+        session_id,
+        trace_id,
+        tenant,
+        input: body,
+    })
+}
+
+fn required_string(body: &serde_json::Map<String, Json>, field: &str) -> Result<String, ApiError> {
+    match body.get(field) {
+        Some(Json::String(value)) if !value.trim().is_empty() => Ok(value.clone()),
+        Some(Json::String(_)) => Err(ApiError::invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("/{field}"),
+            format!("`{field}` must not be empty"),
+        )),
+        Some(_) => Err(ApiError::invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("/{field}"),
+            format!("`{field}` must be a string"),
+        )),
+        None => Err(ApiError::invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("/{field}"),
+            format!("`{field}` is required"),
+        )),
+    }
+}
+
+fn optional_string(
+    body: &serde_json::Map<String, Json>,
+    field: &str,
+) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(value)) if value.is_empty() => Ok(None),
+        Some(Json::String(value)) => Ok(Some(value.clone())),
+        Some(_) => Err(ApiError::invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("/{field}"),
+            format!("`{field}` must be a string"),
+        )),
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id_from_traceparent(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let parent_id = parts.next()?;
+    let flags = parts.next()?;
+    let hex = |text: &str, length: usize| {
+        text.len() == length && text.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    if hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && hex(parent_id, 16)
+        && hex(flags, 2)
+    {
+        Some(trace_id.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let deployment = state.deployment.load_full();
+    let project = &deployment.project;
+    let services: Vec<Json> = project
+        .services
+        .iter()
+        .zip(&deployment.modes)
+        .map(|(service, mode)| {
+            json!({
+                "name": service.name,
+                "mode": match mode { ServiceMode::Live(_) => "live", ServiceMode::Mock => "mock" },
+                "url_variable": service.url_variable,
+            })
+        })
+        .collect();
+    let mocked: Vec<&str> = project
+        .services
+        .iter()
+        .zip(&deployment.modes)
+        .filter(|(_, mode)| matches!(mode, ServiceMode::Mock))
+        .map(|(service, _)| service.name.as_str())
+        .collect();
+    let reload = state
+        .reload
+        .lock()
+        .map(|status| status.clone())
+        .unwrap_or_default();
+    let body = json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "environment": state.settings.environment.as_str(),
+        "project": {
+            "flows": project.flows.len(),
+            "intents": project.intents.len(),
+            "services": project.services.len(),
+            "content_hash": project.content_hash,
+            "generation": deployment.generation,
+            "loaded_at": humantime::format_rfc3339_millis(deployment.loaded_at).to_string(),
+        },
+        "services": services,
+        "mocked_services": mocked,
+        "sessions": state.sessions.len(),
+        "reload": reload,
+    });
+    axum::Json(body).into_response()
+}
+
+/// Serves `app` on `listener` until `shutdown` completes; then stops
+/// accepting, lets in-flight requests finish for at most `grace`, and
+/// returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = signalled_sender.send(());
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        finished = &mut server => return flatten(finished),
+        _ = signalled => {}
+    }
+    tracing::info!(
+        event_type = "shutdown",
+        grace_ms = grace.as_millis() as u64,
+        "Shutting down: finishing in-flight requests"
+    );
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(finished) => flatten(finished),
+        Err(_) => {
+            tracing::warn!(
+                event_type = "shutdown",
+                "Grace period over: dropping the requests still running"
+            );
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
+    match result {
+        Ok(result) => result,
+        Err(error) => Err(std::io::Error::other(error)),
+    }
+}

@@ -1,0 +1,514 @@
+//! Service calls: send, time out, retry, read, unwrap, validate.
+//!
+//! The network is behind the `Transport` trait (HTTP in production, stubs
+//! in tests); everything around it — the per-attempt timeout within the
+//! request's deadline, retries with backoff and jitter, the size cap, JSON
+//! parsing, list unwrapping and strict schema validation — is here, the same
+//! for every transport. Every failure becomes one `ServiceError` with a
+//! stable code; no upstream text reaches a reply.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::project::{HttpMethod, Service};
+
+/// Largest service answer read, in bytes; a larger one is `service_bad_response`.
+pub const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
+
+/// How a service is reached in this deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceMode {
+    Live(url::Url),
+    /// Answers with the service's `mock`.
+    Mock,
+}
+
+/// The stable codes of a failed call; the same in replies' `error.code`,
+/// `service_spans`, logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceErrorCode {
+    ServiceTimeout,
+    ServiceUnavailable,
+    ServiceHttpError,
+    ServiceBadResponse,
+    SchemaViolation,
+}
+
+impl ServiceErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceErrorCode::ServiceTimeout => "service_timeout",
+            ServiceErrorCode::ServiceUnavailable => "service_unavailable",
+            ServiceErrorCode::ServiceHttpError => "service_http_error",
+            ServiceErrorCode::ServiceBadResponse => "service_bad_response",
+            ServiceErrorCode::SchemaViolation => "schema_violation",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceError {
+    pub code: ServiceErrorCode,
+    /// For logs and `error.message`; never the upstream body.
+    pub message: String,
+    /// The HTTP status, when the service answered.
+    pub status: Option<u16>,
+    /// Whether another attempt could succeed.
+    pub retryable: bool,
+}
+
+impl ServiceError {
+    fn new(code: ServiceErrorCode, message: impl Into<String>) -> ServiceError {
+        ServiceError {
+            code,
+            message: message.into(),
+            status: None,
+            retryable: false,
+        }
+    }
+}
+
+/// What the transport got back.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// Why the transport got nothing usable.
+#[derive(Debug, Clone)]
+pub enum TransportError {
+    Timeout,
+    /// Could not connect (refused, unreachable, DNS).
+    Connect(String),
+    /// The connection failed during the exchange.
+    Io(String),
+    /// The answer was larger than `MAX_RESPONSE_BYTES`.
+    TooLarge,
+}
+
+/// One outgoing request, as the transport sees it.
+#[derive(Debug)]
+pub struct OutgoingRequest<'a> {
+    pub url: &'a url::Url,
+    pub method: HttpMethod,
+    pub headers: &'a [(String, String)],
+    pub trace: &'a TraceHeaders,
+    /// JSON, already serialized.
+    pub body: Option<&'a Bytes>,
+    pub timeout: Duration,
+}
+
+/// Trace headers sent with every call.
+#[derive(Debug, Clone)]
+pub struct TraceHeaders {
+    pub trace_id: String,
+    /// W3C `traceparent`.
+    pub traceparent: String,
+}
+
+/// Sends requests to services. The HTTP one is `HttpTransport`; tests pass
+/// stubs. A transport must return within `request.timeout`.
+pub trait Transport: Send + Sync {
+    fn send<'a>(
+        &'a self,
+        service: &'a Service,
+        request: OutgoingRequest<'a>,
+    ) -> BoxFuture<'a, Result<RawResponse, TransportError>>;
+}
+
+/// HTTP with one shared reqwest client (connection pooling, keep-alive).
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: reqwest::Client,
+}
+
+impl HttpTransport {
+    pub fn new(client: reqwest::Client) -> HttpTransport {
+        HttpTransport { client }
+    }
+}
+
+/// The process's HTTP client: rustls, pooled keep-alive connections, a
+/// connect timeout; per-request timeouts are set on each request.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        .user_agent(concat!("mcp-orchestrator/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+impl Transport for HttpTransport {
+    fn send<'a>(
+        &'a self,
+        service: &'a Service,
+        request: OutgoingRequest<'a>,
+    ) -> BoxFuture<'a, Result<RawResponse, TransportError>> {
+        let _ = service;
+        Box::pin(async move {
+            let method = match request.method {
+                HttpMethod::Get => reqwest::Method::GET,
+                HttpMethod::Post => reqwest::Method::POST,
+                HttpMethod::Put => reqwest::Method::PUT,
+                HttpMethod::Patch => reqwest::Method::PATCH,
+                HttpMethod::Delete => reqwest::Method::DELETE,
+            };
+            let exchange = async {
+                let mut builder = self
+                    .client
+                    .request(method, request.url.clone())
+                    .header("x-trace-id", &request.trace.trace_id)
+                    .header("traceparent", &request.trace.traceparent)
+                    .header(http::header::ACCEPT, "application/json");
+                for (name, value) in request.headers {
+                    builder = builder.header(name.as_str(), value.as_str());
+                }
+                if let Some(body) = request.body {
+                    builder = builder
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone());
+                }
+                let mut response = builder.send().await.map_err(|error| {
+                    if error.is_timeout() {
+                        TransportError::Timeout
+                    } else if error.is_connect() {
+                        TransportError::Connect(error_chain(error))
+                    } else {
+                        TransportError::Io(error_chain(error))
+                    }
+                })?;
+                if response
+                    .content_length()
+                    .is_some_and(|length| length > MAX_RESPONSE_BYTES as u64)
+                {
+                    return Err(TransportError::TooLarge);
+                }
+                let status = response.status().as_u16();
+                let mut body = Vec::new();
+                while let Some(chunk) = response
+                    .chunk()
+                    .await
+                    .map_err(|error| TransportError::Io(error_chain(error)))?
+                {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(TransportError::TooLarge);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(RawResponse {
+                    status,
+                    body: Bytes::from(body),
+                })
+            };
+            match tokio::time::timeout(request.timeout, exchange).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::Timeout),
+            }
+        })
+    }
+}
+
+/// The error and its sources on one line, without the URL (which may carry
+/// credentials or a query).
+fn error_chain(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// One call's record, reported in the envelope's `service_spans`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceSpan {
+    pub service: String,
+    /// The last HTTP status, `null` when no answer came.
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ServiceErrorCode>,
+    /// True when the answer came from the service's mock.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mock: bool,
+}
+
+#[derive(Debug)]
+pub struct CallOutcome {
+    pub result: Result<serde_json::Value, ServiceError>,
+    pub span: ServiceSpan,
+}
+
+/// Calls `service` with `body`: at most its retry attempts, each within its
+/// timeout and the request's `deadline`; reads, unwraps and validates the
+/// answer.
+pub async fn call(
+    transport: &dyn Transport,
+    service: &Service,
+    mode: &ServiceMode,
+    body: Option<&serde_json::Value>,
+    trace: &TraceHeaders,
+    deadline: Instant,
+) -> CallOutcome {
+    let started = Instant::now();
+    let attempts = AtomicU32::new(0);
+    let last_status = Arc::new(std::sync::Mutex::new(None::<u16>));
+    let result = match mode {
+        ServiceMode::Mock => {
+            attempts.store(1, Ordering::Relaxed);
+            match &service.mock {
+                Some(mock) => {
+                    set_status(&last_status, mock.status);
+                    interpret(
+                        service,
+                        mock.status,
+                        serde_json::to_vec(&mock.body)
+                            .map(Bytes::from)
+                            .unwrap_or_default(),
+                    )
+                }
+                None => Err(ServiceError::new(
+                    ServiceErrorCode::ServiceUnavailable,
+                    format!("service `{}` has no URL and no mock", service.name),
+                )),
+            }
+        }
+        ServiceMode::Live(url) => {
+            let body = match body.map(serde_json::to_vec).transpose() {
+                Ok(body) => body.map(Bytes::from),
+                Err(error) => {
+                    return CallOutcome {
+                        result: Err(ServiceError::new(
+                            ServiceErrorCode::ServiceBadResponse,
+                            format!("the request body cannot be serialized: {error}"),
+                        )),
+                        span: span(service, None, started, 0, false),
+                    };
+                }
+            };
+            let attempt = || async {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(timeout_error(service, true));
+                }
+                let timeout = service.timeout.min(remaining);
+                let request = OutgoingRequest {
+                    url,
+                    method: service.method,
+                    headers: &service.headers,
+                    trace,
+                    body: body.as_ref(),
+                    timeout,
+                };
+                match transport.send(service, request).await {
+                    Ok(response) => {
+                        set_status(&last_status, response.status);
+                        interpret(service, response.status, response.body)
+                    }
+                    Err(error) => Err(transport_error(service, error, timeout < service.timeout)),
+                }
+            };
+            match service.retry {
+                Some(retry) => {
+                    let backoff = ExponentialBuilder::default()
+                        .with_min_delay(retry.backoff)
+                        .with_max_delay(retry.backoff.saturating_mul(16))
+                        .with_max_times(retry.attempts.saturating_sub(1) as usize)
+                        .with_jitter();
+                    attempt
+                        .retry(backoff)
+                        .sleep(tokio::time::sleep)
+                        .when(|error: &ServiceError| error.retryable)
+                        // Never sleep past the request's deadline.
+                        .adjust(|_, delay| delay.filter(|delay| Instant::now() + *delay < deadline))
+                        .await
+                }
+                None => attempt().await,
+            }
+        }
+    };
+    let status = *last_status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let error = result.as_ref().err().map(|error| error.code);
+    let mut span = span(
+        service,
+        status,
+        started,
+        attempts.load(Ordering::Relaxed),
+        matches!(mode, ServiceMode::Mock),
+    );
+    span.error = error;
+    CallOutcome { result, span }
+}
+
+fn set_status(slot: &std::sync::Mutex<Option<u16>>, status: u16) {
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+}
+
+fn span(
+    service: &Service,
+    status: Option<u16>,
+    started: Instant,
+    attempts: u32,
+    mock: bool,
+) -> ServiceSpan {
+    let micros = started.elapsed().as_micros() as f64;
+    ServiceSpan {
+        service: service.name.clone(),
+        status,
+        latency_ms: (micros / 10.0).round() / 100.0,
+        attempts,
+        error: None,
+        mock,
+    }
+}
+
+fn timeout_error(service: &Service, deadline: bool) -> ServiceError {
+    ServiceError {
+        code: ServiceErrorCode::ServiceTimeout,
+        message: if deadline {
+            format!(
+                "service `{}` did not answer before the request's deadline",
+                service.name
+            )
+        } else {
+            format!(
+                "service `{}` did not answer within {}",
+                service.name,
+                humantime::format_duration(service.timeout)
+            )
+        },
+        status: None,
+        retryable: !deadline,
+    }
+}
+
+fn transport_error(
+    service: &Service,
+    error: TransportError,
+    cut_by_deadline: bool,
+) -> ServiceError {
+    match error {
+        TransportError::Timeout => timeout_error(service, cut_by_deadline),
+        TransportError::Connect(reason) => ServiceError {
+            code: ServiceErrorCode::ServiceUnavailable,
+            message: format!("cannot connect to service `{}`: {reason}", service.name),
+            status: None,
+            retryable: true,
+        },
+        TransportError::Io(reason) => ServiceError {
+            code: ServiceErrorCode::ServiceUnavailable,
+            message: format!(
+                "the exchange with service `{}` failed: {reason}",
+                service.name
+            ),
+            status: None,
+            retryable: true,
+        },
+        TransportError::TooLarge => ServiceError::new(
+            ServiceErrorCode::ServiceBadResponse,
+            format!(
+                "service `{}` answered more than {} bytes",
+                service.name, MAX_RESPONSE_BYTES
+            ),
+        ),
+    }
+}
+
+/// Status, JSON, unwrap, schema: the answer as the flow will see it.
+fn interpret(
+    service: &Service,
+    status: u16,
+    body: Bytes,
+) -> Result<serde_json::Value, ServiceError> {
+    if !(200..300).contains(&status) {
+        let code = if status == 503 {
+            ServiceErrorCode::ServiceUnavailable
+        } else {
+            ServiceErrorCode::ServiceHttpError
+        };
+        return Err(ServiceError {
+            code,
+            message: format!("service `{}` answered HTTP {status}", service.name),
+            status: Some(status),
+            retryable: matches!(status, 429 | 500 | 502 | 503 | 504),
+        });
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|error| ServiceError {
+            status: Some(status),
+            ..ServiceError::new(
+                ServiceErrorCode::ServiceBadResponse,
+                format!("service `{}` did not answer JSON: {error}", service.name),
+            )
+        })?;
+    if service.unwrap_first
+        && let serde_json::Value::Array(items) = &mut value
+    {
+        if items.is_empty() {
+            return Err(ServiceError {
+                status: Some(status),
+                ..ServiceError::new(
+                    ServiceErrorCode::ServiceBadResponse,
+                    format!("service `{}` answered an empty list", service.name),
+                )
+            });
+        }
+        value = items.swap_remove(0);
+    }
+    if let Some(schema) = &service.response_schema
+        && let Some(error) = schema.validator.iter_errors(&value).next()
+    {
+        let pointer = error.instance_path().to_string();
+        return Err(ServiceError {
+            status: Some(status),
+            ..ServiceError::new(
+                ServiceErrorCode::SchemaViolation,
+                format!(
+                    "the answer of service `{}` does not match `{}` at `{}`: {}",
+                    service.name,
+                    schema.file,
+                    if pointer.is_empty() { "/" } else { &pointer },
+                    error.kind_description()
+                ),
+            )
+        });
+    }
+    Ok(value)
+}
+
+/// Describes a schema error without quoting the instance (which may hold
+/// upstream data that must not reach a log unredacted).
+trait KindDescription {
+    fn kind_description(&self) -> String;
+}
+
+impl KindDescription for jsonschema::ValidationError<'_> {
+    fn kind_description(&self) -> String {
+        let text = format!("{:?}", self.kind());
+        let name = text
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or("invalid");
+        format!("`{name}` constraint failed")
+    }
+}
