@@ -333,6 +333,7 @@ impl<'a> Checker<'a> {
         let defaults = self.compile_defaults(defaults);
         let request_schema = self.request_schema();
         let content_hash = load::content_hash(&self.hashed_files);
+        let source_files = self.hashed_files.keys().cloned().collect();
 
         if self.diagnostics.iter().any(Diagnostic::is_error) {
             return None;
@@ -363,6 +364,7 @@ impl<'a> Checker<'a> {
             templates,
             request_schema,
             content_hash,
+            source_files,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod intent;
 pub mod load;
 pub mod project;
+pub mod reload;
 pub mod server;
 pub mod services;
 pub mod session;

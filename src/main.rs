@@ -187,42 +187,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         anyhow::bail!("`{}` is not a directory", args.project_dir.display());
     }
 
-    // Start-up is a load from nothing, through the same path as `check`.
-    let variables: mcp_orchestrator::load::Environment = std::env::vars().collect();
-    let mut checked = check_project(&args.project_dir, &variables);
-    if environment == Environment::Production {
-        // In production an unset variable is an error, not a warning.
-        for diagnostic in &mut checked.diagnostics {
-            if diagnostic.code == diagnostic::Code::UnsetEnvVar {
-                diagnostic.severity = Severity::Error;
-            }
-        }
-    }
-    if !checked.diagnostics.is_empty() {
-        let color = std::io::stderr().is_terminal();
-        eprint!(
-            "{}",
-            diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
-        );
-    }
-    let project = match checked.project {
-        Some(project) if checked.diagnostics.iter().all(|d| !d.is_error()) => project,
-        _ => {
-            eprintln!(
-                "error: the project in `{}` is invalid; not starting",
-                args.project_dir.display()
-            );
-            return Ok(EXIT_INVALID_PROJECT);
-        }
+    // Start-up is a reload from nothing: the same path as every reload,
+    // and the same checks as `check`.
+    let source = mcp_orchestrator::reload::Source {
+        dir: args.project_dir.clone(),
+        variables: std::env::vars().collect(),
+        environment,
+        force_mock: args.mock,
     };
-    let deployment = match server::deploy(project, environment, args.mock, 1) {
-        Ok(deployment) => deployment,
-        Err(missing) => {
-            for service in &missing {
-                eprintln!("error: {service}");
+    let color = std::io::stderr().is_terminal();
+    let deployment = match mcp_orchestrator::reload::prepare(&source, 1) {
+        Ok(prepared) => {
+            if !prepared.warnings.is_empty() {
+                eprint!(
+                    "{}",
+                    diagnostic::render_human(&prepared.warnings, &prepared.sources, color)
+                );
             }
+            prepared.deployment
+        }
+        Err(error) => {
+            eprint!(
+                "{}",
+                diagnostic::render_human(&error.diagnostics, &error.sources, color)
+            );
             eprintln!(
-                "error: in production every service needs its URL (outside production a service with a mock runs on it)"
+                "error: the project in `{}` cannot be served; not starting",
+                args.project_dir.display()
             );
             return Ok(EXIT_INVALID_PROJECT);
         }
@@ -273,6 +264,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             },
             reload: std::sync::Mutex::new(Default::default()),
         });
+        let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
+        let _watch = reloader.watch()?;
+        #[cfg(unix)]
+        let _hangup = mcp_orchestrator::reload::reload_on_sighup(reloader.clone())?;
         let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
         let listener = tokio::net::TcpListener::bind(address).await?;
         tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");

@@ -45,6 +45,8 @@ pub struct CompiledProject {
     pub request_schema: Option<Arc<Validator>>,
     /// Hash of every file the project was built from.
     pub content_hash: String,
+    /// Every file the project was built from, relative to `dir`.
+    pub source_files: Vec<PathBuf>,
 }
 
 impl CompiledProject {

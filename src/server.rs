@@ -526,7 +526,12 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "services": services,
         "mocked_services": mocked,
         "sessions": state.sessions.len(),
-        "reload": reload,
+        "reload": {
+            "generation": deployment.generation,
+            "content_hash": project.content_hash,
+            "last_success_at": reload.last_success_at,
+            "last_error": reload.last_error,
+        },
     });
     axum::Json(body).into_response()
 }
