@@ -112,7 +112,26 @@ pub async fn run_turn(
     request: &TurnRequest,
 ) -> Result<TurnOutcome, TurnError> {
     let project = deps.project;
-    let classification = deps.classifier.classify(project, &request.text).await;
+    // Classification counts against the request's deadline too: past it,
+    // the rules decide at once.
+    let classification = match tokio::time::timeout_at(
+        deps.deadline,
+        deps.classifier.classify(project, &request.text),
+    )
+    .await
+    {
+        Ok(classification) => classification,
+        Err(_) => {
+            tracing::warn!(
+                event_type = "intent_fallback",
+                reason = "request deadline",
+                "Classification did not finish before the request's deadline; using the rules"
+            );
+            let mut classification = crate::intent::classify_by_rules(project, &request.text);
+            classification.fallback_reason = Some("the request's deadline passed".to_owned());
+            classification
+        }
+    };
     let intent = project.intent(classification.intent);
     let flow = project.flow_for(classification.intent);
     tracing::debug!(

@@ -210,10 +210,12 @@ impl LlmClassifier {
         if let Some(base_url) = connection.base_url {
             config = config.with_api_base(base_url.trim_end_matches('/'));
         }
-        // The client makes one attempt per call (no retry middleware): the
-        // single retry is done here, inside the classification deadline, so
-        // no Retry-After can make a turn wait.
-        let client = Client::with_config(config).with_http_client(http);
+        // A plain service, without the retry layer async-openai installs by
+        // default (three retries honouring Retry-After): the single retry is
+        // done here, inside the classification deadline, so no Retry-After
+        // can make a turn wait.
+        let client = Client::with_config(config)
+            .with_http_service(async_openai::middleware::ReqwestService::new(http));
         LlmClassifier {
             client,
             model_override: connection.model,

@@ -327,7 +327,15 @@ async fn orchestrate(
     if let Some(schema) = &project.request_schema {
         let instance = Json::Object(body.clone());
         if let Some(error) = schema.iter_errors(&instance).next() {
-            let pointer = error.instance_path().to_string();
+            let mut pointer = error.instance_path().to_string();
+            // A missing property is reported at its object; point at the
+            // property itself.
+            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind() {
+                if let Some(name) = property.as_str() {
+                    pointer.push('/');
+                    pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                }
+            }
             return Err(ApiError::invalid(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 pointer.clone(),
@@ -404,6 +412,16 @@ fn turn_request(
     let session_id =
         optional_string(&body, "session_id")?.unwrap_or_else(|| format!("{user_id}:{channel}"));
     let trace_id = match optional_string(&body, "trace_id")? {
+        // It travels in headers (`x-trace-id` to services and to the client).
+        Some(trace_id) if !is_header_safe(&trace_id) => {
+            return Err(ApiError::invalid(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "/trace_id",
+                format!(
+                    "`trace_id` must be at most {MAX_TRACE_ID_LENGTH} bytes, without control characters"
+                ),
+            ));
+        }
         Some(trace_id) => trace_id,
         None => trace_id_from_traceparent(headers)
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
@@ -421,6 +439,14 @@ fn turn_request(
         tenant,
         input: body,
     })
+}
+
+/// Longest `trace_id` accepted.
+pub const MAX_TRACE_ID_LENGTH: usize = 128;
+
+/// Whether a value can travel as an HTTP header value.
+fn is_header_safe(value: &str) -> bool {
+    value.len() <= MAX_TRACE_ID_LENGTH && !value.chars().any(char::is_control)
 }
 
 fn required_string(body: &serde_json::Map<String, Json>, field: &str) -> Result<String, ApiError> {

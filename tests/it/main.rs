@@ -1,11 +1,14 @@
 //! Integration tests, one binary: the check fixtures, the shipped project,
-//! the output formats and the command line.
+//! the output formats, the command line, and the runtime behind
+//! `POST /orchestrate`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod check_fixtures;
 mod check_rules;
 mod cli;
+mod reload;
+mod runtime;
 mod shipped_project;
 
 use std::collections::HashMap;

@@ -1,0 +1,214 @@
+//! `mcp-orchestrator serve`, the real binary: it refuses to start on a
+//! project it cannot run, and otherwise serves until SIGTERM.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{repository_root, shipped_project_copy};
+
+/// How long the binary may take to exit on its own, on a loaded machine.
+const EXIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `serve` with only `PATH` and `variables` in its environment.
+fn serve_command(variables: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"));
+    command
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in variables {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Waits, with a deadline, for the child to exit; returns its exit code and
+/// its stderr. Kills it if the deadline passes.
+fn wait_for_exit(mut child: Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`serve` did not exit within {EXIT_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr).unwrap();
+    }
+    (status.code(), stderr)
+}
+
+#[test]
+fn serve_in_production_without_service_urls_exits_one_naming_the_variables() {
+    let child = serve_command(&[
+        ("MCP_ENV", "production"),
+        ("MCP_PROJECT_DIR", repository_root().to_str().unwrap()),
+    ])
+    .spawn()
+    .unwrap();
+    let (code, stderr) = wait_for_exit(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    for variable in [
+        "MENU_SERVICE_URL",
+        "ORDER_SERVICE_URL",
+        "RECOMMEND_SERVICE_URL",
+        "TRACKING_SERVICE_URL",
+        "PROFILE_SERVICE_URL",
+    ] {
+        assert!(
+            stderr.contains(variable),
+            "{variable} not named in: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn serve_in_production_with_some_urls_names_only_the_missing_ones() {
+    let child = serve_command(&[
+        ("MCP_ENV", "production"),
+        ("MCP_PROJECT_DIR", repository_root().to_str().unwrap()),
+        ("MENU_SERVICE_URL", "http://127.0.0.1:9/menu"),
+        ("ORDER_SERVICE_URL", "http://127.0.0.1:9/order"),
+        ("RECOMMEND_SERVICE_URL", "http://127.0.0.1:9/recommend"),
+        ("TRACKING_SERVICE_URL", "http://127.0.0.1:9/tracking"),
+    ])
+    .spawn()
+    .unwrap();
+    let (code, stderr) = wait_for_exit(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("PROFILE_SERVICE_URL"), "{stderr}");
+    assert!(!stderr.contains("MENU_SERVICE_URL"), "{stderr}");
+}
+
+#[test]
+fn serve_with_an_invalid_project_exits_one_with_the_location() {
+    let project = shipped_project_copy();
+    let order = project.path().join("flows/order.yaml");
+    let text = std::fs::read_to_string(&order).unwrap();
+    let typo = text.replace(
+        "Your order {{ placed.order_id }}",
+        "Your order {{ placed.order_idd }}",
+    );
+    assert_ne!(typo, text);
+    std::fs::write(&order, typo).unwrap();
+    let line = text
+        .lines()
+        .position(|line| line.contains("Your order {{"))
+        .unwrap()
+        + 1;
+
+    let child = serve_command(&[])
+        .arg("--project-dir")
+        .arg(project.path())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_for_exit(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    let location = format!("flows/order.yaml:{line}:");
+    let after = stderr
+        .split(&location)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no `{location}<column>` in: {stderr}"));
+    assert!(
+        after.starts_with(|c: char| c.is_ascii_digit()),
+        "no column after `{location}` in: {stderr}"
+    );
+    assert!(stderr.contains("did you mean `order_id`?"), "{stderr}");
+    assert!(stderr.contains("not starting"), "{stderr}");
+}
+
+/// Kills the child when the test fails before it exits.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
+    let child = serve_command(&[("MCP_PROJECT_DIR", repository_root().to_str().unwrap())])
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
+
+    // The log says where it listens: `{"address":"0.0.0.0:<port>",...}`.
+    let (lines_sender, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    let mut logged = Vec::new();
+    let port = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(remaining)
+            .unwrap_or_else(|_| panic!("no `Listening` log line; logged: {logged:#?}"));
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        logged.push(line);
+        if event["message"] == "Listening" {
+            let address = event["address"].as_str().unwrap();
+            break address.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+    };
+    assert!(
+        logged
+            .iter()
+            .any(|line| line.contains("Service runs on its mock")),
+        "{logged:#?}"
+    );
+
+    let client = super::http_client();
+    let health: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["environment"], "development");
+    assert_eq!(health["mocked_services"].as_array().unwrap().len(), 5);
+    let envelope: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{port}/orchestrate"))
+        .json(&serde_json::json!({"text": "Can I see the menu?", "user_id": "u-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(envelope["route"], "menu");
+
+    let pid = child.0.as_ref().unwrap().id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let child = child.0.take().unwrap();
+    let (code, _) = tokio::task::spawn_blocking(move || wait_for_exit(child))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
