@@ -330,11 +330,11 @@ async fn orchestrate(
             let mut pointer = error.instance_path().to_string();
             // A missing property is reported at its object; point at the
             // property itself.
-            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind() {
-                if let Some(name) = property.as_str() {
-                    pointer.push('/');
-                    pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-                }
+            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
+                && let Some(name) = property.as_str()
+            {
+                pointer.push('/');
+                pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
             }
             return Err(ApiError::invalid(
                 StatusCode::UNPROCESSABLE_ENTITY,
