@@ -331,6 +331,9 @@ impl Reloader {
                     }
                 }
             }
+            // Wait until the files stop changing, so a save caught half-way
+            // (truncated, not yet written) is never loaded.
+            let settled = self.settle().await;
             let reloader = Arc::clone(&self);
             match tokio::task::spawn_blocking(move || reloader.reload_now()).await {
                 Ok(_) => {}
@@ -339,6 +342,10 @@ impl Reloader {
                 }
             }
             fingerprint = self.fingerprint();
+            if fingerprint != settled {
+                // Changed while it was loading: once more.
+                self.request();
+            }
             // A folder replaced whole (git checkout, a ConfigMap swap) has a
             // new identity: watch the new one.
             let now = self.watched_folders_identity();
@@ -356,6 +363,22 @@ impl Reloader {
                 folders = now;
             }
         }
+    }
+
+    /// The fingerprint once it has stayed the same for `DEBOUNCE` (or after
+    /// a bounded number of tries, for files that never stop changing).
+    async fn settle(&self) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+        const MAX_TRIES: usize = 20;
+        let mut before = self.fingerprint();
+        for _ in 0..MAX_TRIES {
+            tokio::time::sleep(DEBOUNCE).await;
+            let now = self.fingerprint();
+            if now == before {
+                return now;
+            }
+            before = now;
+        }
+        before
     }
 
     fn watched_folders_identity(&self) -> Vec<(PathBuf, Option<(u64, u64)>)> {
