@@ -19,7 +19,9 @@ use crate::shipped_project_copy;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 struct Served {
-    project: tempfile::TempDir,
+    /// Kept alive for the test's duration.
+    _project: Option<tempfile::TempDir>,
+    dir: PathBuf,
     base: String,
     client: reqwest::Client,
     _watch: WatchGuard,
@@ -28,7 +30,7 @@ struct Served {
 
 impl Served {
     fn path(&self, relative: &str) -> PathBuf {
-        self.project.path().join(relative)
+        self.dir.join(relative)
     }
 
     async fn health(&self) -> Value {
@@ -79,9 +81,19 @@ impl Served {
 
 /// Serves a copy of the shipped project with the watcher on.
 async fn serve_project(project: tempfile::TempDir, variables: &[(&str, String)]) -> Served {
+    let dir = project.path().to_path_buf();
+    serve_dir(dir, Some(project), variables).await
+}
+
+/// Serves the project in `dir` with the watcher on.
+async fn serve_dir(
+    dir: PathBuf,
+    keep: Option<tempfile::TempDir>,
+    variables: &[(&str, String)],
+) -> Served {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let source = Source {
-        dir: project.path().to_path_buf(),
+        dir: dir.clone(),
         variables: variables
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
@@ -113,7 +125,8 @@ async fn serve_project(project: tempfile::TempDir, variables: &[(&str, String)])
         Duration::from_secs(1),
     ));
     Served {
-        project,
+        _project: keep,
+        dir,
         base,
         client: http,
         _watch: watch,
@@ -345,4 +358,75 @@ async fn a_request_in_flight_during_a_swap_finishes_on_its_version() {
     release.notify_one();
     let reply = tokio::time::timeout(DEADLINE, next).await.unwrap().unwrap();
     assert_eq!(reply["reply_text"], "NEW: Pasta tonight.", "{reply:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_replaced_whole_is_seen() {
+    let served = serve_project(shipped_project_copy(), &[]).await;
+    // What `git checkout` does to a folder: remove it, write it anew.
+    let flows = served.path("flows");
+    let staged = served.path("flows.new");
+    crate::copy_tree(&flows, &staged);
+    edit(&staged.join("menu.yaml"), MENU_INTRO, "Checked-out menu:");
+    std::fs::remove_dir_all(&flows).unwrap();
+    std::fs::rename(&staged, &flows).unwrap();
+    served
+        .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
+        .await;
+    assert!(
+        served.turn("show me the menu").await["reply_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Checked-out menu:")
+    );
+
+    // The new folder is watched too.
+    edit(
+        &served.path("flows/menu.yaml"),
+        "Checked-out menu:",
+        "Edited again:",
+    );
+    served
+        .wait_for("generation 3", |h| h["reload"]["generation"] == 3)
+        .await;
+    assert!(
+        served.turn("show me the menu").await["reply_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Edited again:")
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_project_swapped_like_a_config_map_is_seen() {
+    // Kubernetes mounts a ConfigMap as `dir/..data -> ..<timestamp>` and
+    // swaps the `..data` link atomically on an update.
+    let root = tempfile::tempdir().unwrap();
+    let first = shipped_project_copy();
+    let second = shipped_project_copy();
+    edit(
+        &second.path().join("flows/menu.yaml"),
+        MENU_INTRO,
+        "ConfigMap menu:",
+    );
+    let data = root.path().join("..data");
+    std::os::unix::fs::symlink(first.path(), &data).unwrap();
+    let project = root.path().join("project");
+    std::os::unix::fs::symlink(&data, &project).unwrap();
+
+    let served = serve_dir(project, None, &[]).await;
+    assert_eq!(served.turn("show me the menu").await["route"], "menu");
+    let swap = root.path().join("..data_tmp");
+    std::os::unix::fs::symlink(second.path(), &swap).unwrap();
+    std::fs::rename(&swap, &data).unwrap();
+    served
+        .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
+        .await;
+    assert!(
+        served.turn("show me the menu").await["reply_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConfigMap menu:")
+    );
 }
