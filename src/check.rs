@@ -86,6 +86,8 @@ pub fn compile(loaded: LoadedProject) -> Checked {
         redact: BTreeSet::new(),
         service_schema_files: HashMap::new(),
         complete,
+        step_sources: Vec::new(),
+        routes: BTreeSet::new(),
     };
     for file in &files {
         if let Some(text) = sources.get(&file.path) {
@@ -130,6 +132,10 @@ struct Checker<'a> {
     /// Whether every file parsed; project-wide "something is missing"
     /// checks run only then.
     complete: bool,
+    /// Where each compiled step was written, by index.
+    step_sources: Vec<project::StepSource>,
+    /// Routes of every reply.
+    routes: BTreeSet<String>,
 }
 
 /// A definition and the file it is in.
@@ -365,6 +371,8 @@ impl<'a> Checker<'a> {
             request_schema,
             content_hash,
             source_files,
+            steps: std::mem::take(&mut self.step_sources),
+            routes: std::mem::take(&mut self.routes),
         })
     }
 
@@ -1500,17 +1508,21 @@ impl<'a> Checker<'a> {
         if spec.condition.is_none() || otherwise_replies {
             *scope = action_scope;
         }
+        let source = project::StepSource {
+            file: file.to_path_buf(),
+            line: step.position.line,
+            column: step.position.column,
+        };
+        let index = u32::try_from(self.step_sources.len()).unwrap_or(u32::MAX);
+        self.step_sources.push(source.clone());
         Some((
             project::Step {
+                index,
                 id: spec.id.as_ref().map(|id| id.value.clone()),
                 condition,
                 otherwise: otherwise.map(|o| o.steps).unwrap_or_default(),
                 action,
-                source: project::StepSource {
-                    file: file.to_path_buf(),
-                    line: step.position.line,
-                    column: step.position.column,
-                },
+                source,
             },
             replies,
         ))
@@ -1661,12 +1673,14 @@ impl<'a> Checker<'a> {
             || if scope.in_on_error { "error" } else { "reply" }.to_owned(),
             |decision| decision.value.clone(),
         );
+        let route = spec
+            .route
+            .as_ref()
+            .map_or_else(|| facts.name.to_owned(), |route| route.value.clone());
+        self.routes.insert(route.clone());
         Some(project::Reply {
             text: template?,
-            route: spec
-                .route
-                .as_ref()
-                .map_or_else(|| facts.name.to_owned(), |route| route.value.clone()),
+            route,
             data,
             decision,
         })

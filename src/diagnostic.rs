@@ -31,6 +31,8 @@ pub enum Code {
     DuplicateName,
     UnknownIntent,
     UnknownService,
+    UnknownRoute,
+    UnknownFlow,
     UnknownVariable,
     UnknownResponseField,
     UndefinedStepReference,
@@ -65,6 +67,8 @@ impl Code {
             Code::DuplicateName => "duplicate-name",
             Code::UnknownIntent => "unknown-intent",
             Code::UnknownService => "unknown-service",
+            Code::UnknownRoute => "unknown-route",
+            Code::UnknownFlow => "unknown-flow",
             Code::UnknownVariable => "unknown-variable",
             Code::UnknownResponseField => "unknown-response-field",
             Code::UndefinedStepReference => "undefined-step-reference",
@@ -99,6 +103,8 @@ impl Code {
         Code::DuplicateName,
         Code::UnknownIntent,
         Code::UnknownService,
+        Code::UnknownRoute,
+        Code::UnknownFlow,
         Code::UnknownVariable,
         Code::UnknownResponseField,
         Code::UndefinedStepReference,
@@ -248,6 +254,11 @@ pub struct Sources {
 impl Sources {
     pub fn insert(&mut self, file: PathBuf, text: String) {
         self.files.insert(file, text);
+    }
+
+    /// Adds every file of `other`.
+    pub fn merge(&mut self, other: Sources) {
+        self.files.extend(other.files);
     }
 
     pub fn get(&self, file: &Path) -> Option<&str> {
@@ -412,12 +423,14 @@ pub fn render_github(diagnostics: &[Diagnostic], project_dir: &Path) -> String {
     out
 }
 
-fn escape_data(text: &str) -> String {
+/// Escapes the message of a GitHub workflow command.
+pub fn escape_data(text: &str) -> String {
     text.replace('%', "%25")
         .replace('\r', "%0D")
         .replace('\n', "%0A")
 }
 
-fn escape_property(text: &str) -> String {
+/// Escapes a property (`file=`, `title=`) of a GitHub workflow command.
+pub fn escape_property(text: &str) -> String {
     escape_data(text).replace(':', "%3A").replace(',', "%2C")
 }

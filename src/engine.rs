@@ -67,6 +67,8 @@ pub struct TurnOutcome {
     /// Set when the session store could not be used; the turn went on
     /// without it.
     pub session_error: Option<String>,
+    /// Every step reached, by `Step::index`, in order.
+    pub visited: Vec<u32>,
 }
 
 /// Why a turn has no answer: a fault of the project's templates at run time.
@@ -189,6 +191,7 @@ pub async fn run_turn(
         session_set: serde_json::Map::new(),
         spans: Vec::new(),
         trace: trace_headers(&request.trace_id),
+        visited: Vec::new(),
     };
     tracing::debug!(event_type = "flow_start", flow = %flow.name, "Flow started");
     let reply = match run.steps(&flow.steps).await? {
@@ -220,6 +223,7 @@ pub async fn run_turn(
         data: reply.data,
         flow: flow.name.clone(),
         session_error,
+        visited: run.visited,
     })
 }
 
@@ -273,6 +277,7 @@ struct Run<'a, 'd> {
     session_set: serde_json::Map<String, serde_json::Value>,
     spans: Vec<ServiceSpan>,
     trace: TraceHeaders,
+    visited: Vec<u32>,
 }
 
 impl<'a, 'd> Run<'a, 'd> {
@@ -315,6 +320,7 @@ impl<'a, 'd> Run<'a, 'd> {
     fn steps<'s>(&'s mut self, steps: &'a [Step]) -> BoxFuture<'s, Result<Control, TurnError>> {
         Box::pin(async move {
             for step in steps {
+                self.visited.push(step.index);
                 if let Some(condition) = step.condition
                     && !self.evaluate(step, condition)?.is_true()
                 {
@@ -467,6 +473,7 @@ impl<'a, 'd> Run<'a, 'd> {
     async fn parallel(&mut self, branches: &'a [Step]) -> Result<Control, TurnError> {
         let mut planned: Vec<(&'a Step, &'a Call, Option<serde_json::Value>)> = Vec::new();
         for branch in branches {
+            self.visited.push(branch.index);
             if let Some(condition) = branch.condition
                 && !self.evaluate(branch, condition)?.is_true()
             {

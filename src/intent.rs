@@ -143,6 +143,17 @@ fn contains_phrase(normalized: &str, keyword: &str) -> bool {
     })
 }
 
+/// The classification for an intent chosen elsewhere (an LLM answer, a
+/// test's stub): `min_confidence` applies and entities are extracted.
+pub fn decide(
+    project: &CompiledProject,
+    text: &str,
+    intent: IntentId,
+    confidence: f64,
+) -> Classification {
+    finish(project, text, intent, confidence, Source::Llm, None)
+}
+
 /// Applies `min_confidence` and extracts the entities of the chosen intent.
 fn finish(
     project: &CompiledProject,

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod diagnostic;
 pub mod engine;
+pub mod flowtest;
 pub mod intent;
 pub mod load;
 pub mod project;

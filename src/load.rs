@@ -207,6 +207,24 @@ pub fn parse_flow_file(path: &Path, text: &str, environment: &Environment) -> Pa
     }
 }
 
+/// Parses one YAML document of any spec type with the same options as flow
+/// files (`${VAR}` substitution, duplicate keys rejected), without the
+/// entry-by-entry recovery.
+pub fn parse_document<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    environment: &Environment,
+) -> Result<(T, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let mut diagnostics = unset_variables(path, text, environment);
+    match from_str_with::<T>(text, &parse_options(environment)) {
+        Ok(value) => Ok((value, diagnostics)),
+        Err(error) => {
+            diagnostics.push(yaml_error_diagnostic(path, &error));
+            Err(diagnostics)
+        }
+    }
+}
+
 fn parse_options(environment: &Environment) -> Options {
     let mut options = Options::default().with_properties(environment.clone());
     options.property_syntax = PropertySyntax::DockerCompose;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mcp_orchestrator::check::check_project;
 use mcp_orchestrator::diagnostic::{self, Severity};
 
 /// Exit codes shared by every subcommand.
@@ -30,8 +29,45 @@ enum Command {
     Serve(ServeArgs),
     /// Check a flow project and report every problem, for CI and editors.
     Check(CheckArgs),
+    /// Run the conversation tests in `flows/tests/`, with stubbed services.
+    Test(TestArgs),
     /// Print the JSON Schema of the flow file format.
-    Schema,
+    Schema(SchemaArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SchemaArgs {
+    /// Print the schema of conversation-test files instead.
+    #[arg(long)]
+    tests: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct TestArgs {
+    /// Project directory (holds `flows/` and `schemas/`).
+    #[arg(env = "MCP_PROJECT_DIR", default_value = ".")]
+    dir: PathBuf,
+    /// Run only the cases whose name contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = TestFormat::Human)]
+    format: TestFormat,
+    /// Write the report to this file instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// List every flow step and route that no case reached.
+    #[arg(long)]
+    coverage: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TestFormat {
+    Human,
+    /// JUnit XML, for CI systems.
+    Junit,
+    /// GitHub Actions annotations at the test file's line.
+    Github,
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,8 +152,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
-        Command::Schema => {
-            let schema = mcp_orchestrator::spec::flow_file_json_schema();
+        Command::Test(args) => test(args),
+        Command::Schema(args) => {
+            let schema = if args.tests {
+                mcp_orchestrator::flowtest::spec::test_file_json_schema()
+            } else {
+                mcp_orchestrator::spec::flow_file_json_schema()
+            };
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut stdout, &schema)?;
             writeln!(stdout)?;
@@ -131,7 +172,7 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
         anyhow::bail!("`{}` is not a directory", args.dir.display());
     }
     let environment = std::env::vars().collect();
-    let mut checked = check_project(&args.dir, &environment);
+    let mut checked = mcp_orchestrator::flowtest::check_with_tests(&args.dir, &environment);
     if args.deny_warnings {
         for diagnostic in &mut checked.diagnostics {
             diagnostic.severity = Severity::Error;
@@ -299,4 +340,50 @@ async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+fn test(args: TestArgs) -> anyhow::Result<u8> {
+    use mcp_orchestrator::flowtest::{self, report};
+
+    if !args.dir.is_dir() {
+        anyhow::bail!("`{}` is not a directory", args.dir.display());
+    }
+    let environment = std::env::vars().collect();
+    let checked = flowtest::check_with_tests(&args.dir, &environment);
+    let color = std::io::stderr().is_terminal();
+    let Some(project) = checked.project else {
+        eprint!(
+            "{}",
+            diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
+        );
+        eprintln!("error: the project or its tests are invalid; no test was run");
+        return Ok(EXIT_USAGE);
+    };
+    let tests = flowtest::load_tests(&args.dir, &environment);
+    let started = std::time::Instant::now();
+    let results = flowtest::run(&project, &tests, args.filter.as_deref());
+    let elapsed = started.elapsed();
+    let coverage = args
+        .coverage
+        .then(|| flowtest::coverage(&project, &results));
+    let output = match args.format {
+        TestFormat::Human => report::human(&results, coverage.as_ref(), elapsed),
+        TestFormat::Junit => report::junit(&results),
+        TestFormat::Github => report::github(&results),
+    };
+    match &args.output {
+        Some(path) => std::fs::write(path, output)?,
+        None => print!("{output}"),
+    }
+    if results.cases.is_empty() && results.golden.is_empty() {
+        eprintln!(
+            "error: no test case ran (is `flows/tests/` empty, or does --filter match nothing?)"
+        );
+        return Ok(EXIT_INVALID_PROJECT);
+    }
+    Ok(if results.passed() {
+        EXIT_OK
+    } else {
+        EXIT_INVALID_PROJECT
+    })
 }

@@ -47,6 +47,10 @@ pub struct CompiledProject {
     pub content_hash: String,
     /// Every file the project was built from, relative to `dir`.
     pub source_files: Vec<PathBuf>,
+    /// Where each step was written, by `Step::index`.
+    pub steps: Vec<StepSource>,
+    /// Every route a reply can report.
+    pub routes: BTreeSet<String>,
 }
 
 impl CompiledProject {
@@ -200,6 +204,8 @@ pub struct StepSource {
 
 #[derive(Debug)]
 pub struct Step {
+    /// Position in `CompiledProject::steps`, for traces and coverage.
+    pub index: u32,
     pub id: Option<String>,
     pub condition: Option<ExpressionId>,
     /// Steps run when `condition` is false.

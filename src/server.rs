@@ -402,7 +402,8 @@ async fn orchestrate(
     Ok(response)
 }
 
-fn turn_request(
+/// Reads the envelope fields of a request body; the rest becomes `input`.
+pub fn turn_request(
     mut body: serde_json::Map<String, Json>,
     headers: &HeaderMap,
 ) -> Result<TurnRequest, ApiError> {

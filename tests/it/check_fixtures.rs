@@ -3,6 +3,7 @@
 
 use mcp_orchestrator::check::check_project;
 use mcp_orchestrator::diagnostic::{Code, render_human, render_json};
+use mcp_orchestrator::flowtest::check_with_tests;
 
 use crate::{fixtures_dir, test_environment};
 
@@ -10,7 +11,7 @@ use crate::{fixtures_dir, test_environment};
 /// the codes it produced.
 fn check_fixture(name: &str) -> (String, Vec<Code>) {
     let dir = fixtures_dir().join("check").join(name);
-    let checked = check_project(&dir, &test_environment());
+    let checked = check_with_tests(&dir, &test_environment());
     let human = render_human(&checked.diagnostics, &checked.sources, false);
     let codes = checked.diagnostics.iter().map(|d| d.code).collect();
     (human, codes)

@@ -7,6 +7,7 @@
 mod check_fixtures;
 mod check_rules;
 mod cli;
+mod flow_tests;
 mod reload;
 mod runtime;
 mod shipped_project;
