@@ -183,10 +183,12 @@ pub async fn run_turn(
     let mut run = Run {
         deps,
         flow,
-        context: context
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
+        context: Context::new(
+            context
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        ),
         session_variables: session.variables,
         session_set: serde_json::Map::new(),
         spans: Vec::new(),
@@ -267,10 +269,47 @@ impl FromSerializeJson for Value {
     }
 }
 
+/// The template context of a turn. Templates see it as one map value,
+/// built once and reused until the next change (a call's result, a `set`,
+/// a `foreach` element), not rebuilt for every template.
+struct Context {
+    values: BTreeMap<String, Value>,
+    snapshot: std::sync::OnceLock<Value>,
+}
+
+impl Context {
+    fn new(values: BTreeMap<String, Value>) -> Context {
+        Context {
+            values,
+            snapshot: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn value(&self) -> Value {
+        self.snapshot
+            .get_or_init(|| Value::from(self.values.clone()))
+            .clone()
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.values.get(name)
+    }
+
+    fn set(&mut self, name: String, value: Value) -> Option<Value> {
+        self.snapshot = std::sync::OnceLock::new();
+        self.values.insert(name, value)
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.snapshot = std::sync::OnceLock::new();
+        self.values.remove(name)
+    }
+}
+
 struct Run<'a, 'd> {
     deps: &'a TurnDeps<'d>,
     flow: &'a Flow,
-    context: BTreeMap<String, Value>,
+    context: Context,
     /// The session's variables, including those set in this turn.
     session_variables: serde_json::Map<String, serde_json::Value>,
     /// Variables set in this turn, applied to the store at the end.
@@ -282,7 +321,7 @@ struct Run<'a, 'd> {
 
 impl<'a, 'd> Run<'a, 'd> {
     fn context_value(&self) -> Value {
-        Value::from(self.context.clone())
+        self.context.value()
     }
 
     fn template_error(step: &Step, error: &minijinja::Error) -> TurnError {
@@ -349,7 +388,7 @@ impl<'a, 'd> Run<'a, 'd> {
                     Ok(value) => {
                         if let Some(id) = &step.id {
                             self.context
-                                .insert(id.clone(), Value::from_serialize_json(&value));
+                                .set(id.clone(), Value::from_serialize_json(&value));
                         }
                         Ok(Control::Next)
                     }
@@ -379,7 +418,7 @@ impl<'a, 'd> Run<'a, 'd> {
                     self.session_variables.insert(name.clone(), value.clone());
                     self.session_set.insert(name.clone(), value);
                 }
-                self.context.insert(
+                self.context.set(
                     "session".to_owned(),
                     Value::from_serialize_json(&self.session_variables),
                 );
@@ -416,12 +455,12 @@ impl<'a, 'd> Run<'a, 'd> {
                 let mut collected = Vec::with_capacity(items.len());
                 let saved = self.context.get(&foreach.binding).cloned();
                 for item in items {
-                    self.context.insert(foreach.binding.clone(), item);
+                    self.context.set(foreach.binding.clone(), item);
                     let control = self.steps(&foreach.steps).await?;
                     let mut results = serde_json::Map::new();
                     for inner in &foreach.steps {
                         if let Some(id) = &inner.id
-                            && let Some(value) = self.context.remove(id)
+                            && let Some(value) = self.context.take(id)
                         {
                             results.insert(
                                 id.clone(),
@@ -435,12 +474,12 @@ impl<'a, 'd> Run<'a, 'd> {
                     }
                 }
                 match saved {
-                    Some(saved) => self.context.insert(foreach.binding.clone(), saved),
-                    None => self.context.remove(&foreach.binding),
+                    Some(saved) => self.context.set(foreach.binding.clone(), saved),
+                    None => self.context.take(&foreach.binding),
                 };
                 if let Some(id) = &step.id {
                     self.context
-                        .insert(id.clone(), Value::from_serialize_json(&collected));
+                        .set(id.clone(), Value::from_serialize_json(&collected));
                 }
                 Ok(Control::Next)
             }
@@ -507,7 +546,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 Ok(value) => {
                     if let Some(id) = &branch.id {
                         self.context
-                            .insert(id.clone(), Value::from_serialize_json(&value));
+                            .set(id.clone(), Value::from_serialize_json(&value));
                     }
                 }
                 Err(error) => {
@@ -533,7 +572,7 @@ impl<'a, 'd> Run<'a, 'd> {
         error: &ServiceError,
     ) -> Result<ReplyOut, TurnError> {
         let service = self.deps.project.service(call.service);
-        self.context.insert(
+        self.context.set(
             "error".to_owned(),
             map_value([
                 ("code", Value::from(error.code.as_str())),
