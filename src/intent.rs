@@ -290,19 +290,23 @@ impl Classifier for LlmClassifier {
             let timeout = project.classifier.llm.timeout;
             let started = Instant::now();
             let mut reason = String::new();
+            let mut outcome = "error";
             for attempt in 1..=LLM_ATTEMPTS {
                 let remaining = timeout.saturating_sub(started.elapsed());
                 if remaining.is_zero() {
+                    outcome = "timeout";
                     break;
                 }
                 match tokio::time::timeout(remaining, self.ask(project, text)).await {
                     Ok(Ok((intent, confidence))) => {
+                        record_llm_metrics("ok", started.elapsed());
                         return finish(project, text, intent, confidence, Source::Llm, None);
                     }
                     Ok(Err(error)) => reason = error,
                     Err(_) => {
                         reason =
                             format!("no answer within {}", humantime::format_duration(timeout));
+                        outcome = "timeout";
                         break;
                     }
                 }
@@ -310,6 +314,7 @@ impl Classifier for LlmClassifier {
                     tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
                 }
             }
+            record_llm_metrics(outcome, started.elapsed());
             tracing::warn!(
                 event_type = "intent_fallback",
                 reason = %reason,
@@ -320,6 +325,15 @@ impl Classifier for LlmClassifier {
             classification
         })
     }
+}
+
+/// Counts an LLM classification by outcome (`ok`, `error`, `timeout`) and
+/// times it.
+fn record_llm_metrics(outcome: &'static str, elapsed: Duration) {
+    use crate::telemetry::prometheus;
+    metrics::counter!(prometheus::LLM_CLASSIFICATIONS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::histogram!(prometheus::LLM_CLASSIFICATION_DURATION_SECONDS)
+        .record(elapsed.as_secs_f64());
 }
 
 /// The system prompt and the structured-output schema for the LLM, built
