@@ -201,11 +201,15 @@ impl std::fmt::Debug for LlmConnection {
 pub struct LlmClassifier {
     client: Client<OpenAIConfig>,
     model_override: Option<String>,
+    /// Scrubbed from failure reasons before they are logged: an
+    /// OpenAI-compatible server may quote the key in its error message.
+    api_key: String,
 }
 
 impl LlmClassifier {
     /// `http` is the process's shared HTTP client.
     pub fn new(connection: LlmConnection, http: reqwest::Client) -> LlmClassifier {
+        let api_key = connection.api_key.clone();
         let mut config = OpenAIConfig::new().with_api_key(connection.api_key);
         if let Some(base_url) = connection.base_url {
             config = config.with_api_base(base_url.trim_end_matches('/'));
@@ -219,6 +223,7 @@ impl LlmClassifier {
         LlmClassifier {
             client,
             model_override: connection.model,
+            api_key,
         }
     }
 
@@ -315,6 +320,9 @@ impl Classifier for LlmClassifier {
                 }
             }
             record_llm_metrics(outcome, started.elapsed());
+            if !self.api_key.is_empty() {
+                reason = reason.replace(&self.api_key, crate::telemetry::redact::REDACTED);
+            }
             tracing::warn!(
                 event_type = "intent_fallback",
                 reason = %reason,

@@ -471,7 +471,7 @@ async fn orchestrate(
         flow = %outcome.flow,
         decision = %outcome.decision,
         services = outcome.service_spans.len(),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0,
         "Turn answered"
     );
     let labels = TurnLabels {

@@ -421,6 +421,7 @@ impl LokiSender {
             Ok(()) => {
                 counts.peak_lines.fetch_max(lines, Ordering::AcqRel);
                 counts.peak_bytes.fetch_max(bytes, Ordering::AcqRel);
+                shared.metrics.buffer.set(lines as f64);
                 true
             }
             Err(error) => {

@@ -335,7 +335,14 @@ async fn no_secret_reaches_a_log_line_health_or_an_error_body() {
     });
     // The menu service fails, so the call is logged as a `service_error`.
     let menu = Stub::json(500, json!({"error": "down"})).await;
-    let llm_url = closed_port_url().await;
+    // The LLM refuses the key and quotes it, as some compatible servers do.
+    let llm = Stub::json(
+        401,
+        json!({"error": {"message": format!("Incorrect API key provided: {OPENAI_KEY}"),
+                         "type": "invalid_request_error", "code": "invalid_api_key"}}),
+    )
+    .await;
+    let llm_url = llm.url();
     let harness = Harness::new(HarnessOptions {
         dir: Some(project.path()),
         variables: vec![
