@@ -15,9 +15,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::intent::Classifier;
-use crate::project::{Action, Call, CompiledProject, Flow, Step, StepSource};
+use crate::project::{Action, Call, CompiledProject, Flow, Service, Step, StepSource};
 use crate::services::{self, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport};
 use crate::session::{SessionStore, TurnUpdate};
+use crate::telemetry;
 use crate::template::ValueTemplate;
 
 /// Elements a `foreach` may walk in one turn; a longer list is an error.
@@ -138,6 +139,7 @@ pub async fn run_turn(
     let flow = project.flow_for(classification.intent);
     tracing::debug!(
         event_type = "intent_classified",
+        io = "none",
         intent = %intent.name,
         confidence = classification.confidence,
         source = classification.source.as_str(),
@@ -195,7 +197,7 @@ pub async fn run_turn(
         trace: trace_headers(&request.trace_id),
         visited: Vec::new(),
     };
-    tracing::debug!(event_type = "flow_start", flow = %flow.name, "Flow started");
+    tracing::debug!(event_type = "flow_start", io = "none", flow = %flow.name, "Flow started");
     let reply = match run.steps(&flow.steps).await? {
         Control::Reply(reply) => reply,
         // `check` proves every path replies; this is the last resort.
@@ -494,7 +496,7 @@ impl<'a, 'd> Run<'a, 'd> {
         let project = self.deps.project;
         let service = project.service(call.service);
         let mode = &self.deps.modes[call.service.0 as usize];
-        tracing::debug!(event_type = "service_call", service_type = %service.name, io = "out", "Calling service");
+        log_call(project, service, body);
         let outcome = services::call(
             self.deps.transport,
             service,
@@ -504,7 +506,7 @@ impl<'a, 'd> Run<'a, 'd> {
             self.deps.deadline,
         )
         .await;
-        log_outcome(&outcome.span, outcome.result.as_ref().err());
+        log_outcome(project, &outcome.span, outcome.result.as_ref());
         self.spans.push(outcome.span);
         outcome.result
     }
@@ -527,6 +529,9 @@ impl<'a, 'd> Run<'a, 'd> {
             }
         }
         let project = self.deps.project;
+        for (_, call, body) in &planned {
+            log_call(project, project.service(call.service), body.as_ref());
+        }
         let calls = planned.iter().map(|(_, call, body)| {
             services::call(
                 self.deps.transport,
@@ -540,7 +545,7 @@ impl<'a, 'd> Run<'a, 'd> {
         let outcomes = join_all(calls).await;
         let mut first_failure = None;
         for ((branch, call, _), outcome) in planned.iter().zip(outcomes) {
-            log_outcome(&outcome.span, outcome.result.as_ref().err());
+            log_outcome(project, &outcome.span, outcome.result.as_ref());
             self.spans.push(outcome.span);
             match outcome.result {
                 Ok(value) => {
@@ -605,18 +610,58 @@ impl<'a, 'd> Run<'a, 'd> {
     }
 }
 
-fn log_outcome(span: &ServiceSpan, error: Option<&ServiceError>) {
-    match error {
-        None => tracing::debug!(
+/// The `service_call` event; with the request body (redacted) when
+/// payloads are logged.
+fn log_call(project: &CompiledProject, service: &Service, body: Option<&serde_json::Value>) {
+    if telemetry::payloads_enabled() {
+        let payload = body.map_or_else(
+            || "null".to_owned(),
+            |body| telemetry::redact::redacted_text(body, &project.redact),
+        );
+        tracing::debug!(
+            target: telemetry::PAYLOAD_TARGET,
+            event_type = "service_call",
+            service_type = %service.name,
+            io = "out",
+            payload = %payload,
+            "Calling service"
+        );
+    } else {
+        tracing::debug!(event_type = "service_call", service_type = %service.name, io = "out", "Calling service");
+    }
+}
+
+/// The `service_return` event (with the answer, redacted, when payloads are
+/// logged) or the `service_error` event.
+fn log_outcome(
+    project: &CompiledProject,
+    span: &ServiceSpan,
+    result: Result<&serde_json::Value, &ServiceError>,
+) {
+    match result {
+        Ok(answer) if telemetry::payloads_enabled() => tracing::debug!(
+            target: telemetry::PAYLOAD_TARGET,
             event_type = "service_return",
             service_type = %span.service,
             io = "in",
             status = span.status,
             latency_ms = span.latency_ms,
             attempts = span.attempts,
+            mock = span.mock,
+            payload = %telemetry::redact::redacted_text(answer, &project.redact),
             "Service answered"
         ),
-        Some(error) => tracing::warn!(
+        Ok(_) => tracing::debug!(
+            event_type = "service_return",
+            service_type = %span.service,
+            io = "in",
+            status = span.status,
+            latency_ms = span.latency_ms,
+            attempts = span.attempts,
+            mock = span.mock,
+            "Service answered"
+        ),
+        Err(error) => tracing::warn!(
             event_type = "service_error",
             service_type = %span.service,
             io = "in",

@@ -212,11 +212,15 @@ impl std::fmt::Debug for LlmConnection {
 pub struct LlmClassifier {
     client: Client<OpenAIConfig>,
     model_override: Option<String>,
+    /// Scrubbed from failure reasons before they are logged: an
+    /// OpenAI-compatible server may quote the key in its error message.
+    api_key: String,
 }
 
 impl LlmClassifier {
     /// `http` is the process's shared HTTP client.
     pub fn new(connection: LlmConnection, http: reqwest::Client) -> LlmClassifier {
+        let api_key = connection.api_key.clone();
         let mut config = OpenAIConfig::new().with_api_key(connection.api_key);
         if let Some(base_url) = connection.base_url {
             config = config.with_api_base(base_url.trim_end_matches('/'));
@@ -230,6 +234,7 @@ impl LlmClassifier {
         LlmClassifier {
             client,
             model_override: connection.model,
+            api_key,
         }
     }
 
@@ -301,25 +306,33 @@ impl Classifier for LlmClassifier {
             let timeout = project.classifier.llm.timeout;
             let started = Instant::now();
             let mut reason = String::new();
+            let mut outcome = "error";
             for attempt in 1..=LLM_ATTEMPTS {
                 let remaining = timeout.saturating_sub(started.elapsed());
                 if remaining.is_zero() {
+                    outcome = "timeout";
                     break;
                 }
                 match tokio::time::timeout(remaining, self.ask(project, text)).await {
                     Ok(Ok((intent, confidence))) => {
+                        record_llm_metrics("ok", started.elapsed());
                         return finish(project, text, intent, confidence, Source::Llm, None);
                     }
                     Ok(Err(error)) => reason = error,
                     Err(_) => {
                         reason =
                             format!("no answer within {}", humantime::format_duration(timeout));
+                        outcome = "timeout";
                         break;
                     }
                 }
                 if attempt < LLM_ATTEMPTS {
                     tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
                 }
+            }
+            record_llm_metrics(outcome, started.elapsed());
+            if !self.api_key.is_empty() {
+                reason = reason.replace(&self.api_key, crate::telemetry::redact::REDACTED);
             }
             tracing::warn!(
                 event_type = "intent_fallback",
@@ -331,6 +344,15 @@ impl Classifier for LlmClassifier {
             classification
         })
     }
+}
+
+/// Counts an LLM classification by outcome (`ok`, `error`, `timeout`) and
+/// times it.
+fn record_llm_metrics(outcome: &'static str, elapsed: Duration) {
+    use crate::telemetry::prometheus;
+    metrics::counter!(prometheus::LLM_CLASSIFICATIONS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::histogram!(prometheus::LLM_CLASSIFICATION_DURATION_SECONDS)
+        .record(elapsed.as_secs_f64());
 }
 
 /// The system prompt and the structured-output schema for the LLM, built

@@ -115,6 +115,9 @@ struct ServeArgs {
     /// `json` or `pretty`; default: pretty on a terminal, JSON otherwise.
     #[arg(long, env = "LOG_FORMAT")]
     log_format: Option<String>,
+    /// Log service request and response payloads (redacted) at any level.
+    #[arg(long, env = "LOG_PAYLOADS")]
+    log_payloads: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -212,18 +215,41 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     use mcp_orchestrator::server::{self, AppState, Environment, RuntimeSettings};
-    use mcp_orchestrator::telemetry::{self, LogFormat};
+    use mcp_orchestrator::telemetry::{self, LogFormat, TelemetryConfig, loki, prometheus};
 
     let environment = match args.environment.to_ascii_lowercase().as_str() {
         "production" | "prod" => Environment::Production,
         "development" | "dev" | "" => Environment::Development,
         other => anyhow::bail!("MCP_ENV is `{other}`; use `production` or `development`"),
     };
-    telemetry::init(
-        &args.log_level,
-        LogFormat::choose(args.log_format.as_deref()),
-    )
+    let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let loki = match non_empty("GRAFANA_LOKI_URL") {
+        Some(url) => Some(
+            loki::LokiConfig::new(
+                &url,
+                non_empty("GRAFANA_LOKI_USERNAME"),
+                non_empty("GRAFANA_LOKI_API_TOKEN"),
+                non_empty("MCP_APP_LABEL").unwrap_or_else(|| "mcp_orchestrator".to_owned()),
+                environment.as_str().to_owned(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let loki_origin = loki.as_ref().map(loki::LokiConfig::origin);
+    // The recorder first: the logging layers take their metric handles
+    // from it.
+    prometheus::install();
+    let mut telemetry = telemetry::init(TelemetryConfig {
+        level: args.log_level.clone(),
+        format: LogFormat::choose(args.log_format.as_deref()),
+        log_payloads: args.log_payloads,
+        loki,
+    })
     .map_err(anyhow::Error::msg)?;
+    if let Some(origin) = &loki_origin {
+        tracing::info!(event_type = "startup", loki = %origin, "Logs are shipped to Loki");
+    }
     if !args.project_dir.is_dir() {
         anyhow::bail!("`{}` is not a directory", args.project_dir.display());
     }
@@ -245,6 +271,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                     diagnostic::render_human(&prepared.warnings, &prepared.sources, color)
                 );
             }
+            prometheus::record_generation(prepared.deployment.generation);
             prepared.deployment
         }
         Err(error) => {
@@ -276,6 +303,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     runtime.block_on(async move {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = mcp_orchestrator::services::http_client()?;
+        let loki = telemetry.start_loki(http.clone());
+        let _upkeep = prometheus::spawn_upkeep();
         let classifier: std::sync::Arc<dyn mcp_orchestrator::intent::Classifier> =
             match std::env::var("OPENAI_API_KEY").ok().filter(|key| !key.trim().is_empty()) {
                 Some(api_key) => {
@@ -310,11 +339,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         #[cfg(unix)]
         let _hangup = mcp_orchestrator::reload::reload_on_sighup(reloader.clone())?;
         let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
-        let listener = tokio::net::TcpListener::bind(address).await?;
-        tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
-        server::serve(listener, state, shutdown_signal(), args.shutdown_grace).await?;
-        tracing::info!(event_type = "shutdown", "Stopped");
-        anyhow::Ok(())
+        let served = async {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
+            server::serve(listener, state, shutdown_signal(), args.shutdown_grace).await?;
+            tracing::info!(event_type = "shutdown", "Stopped");
+            anyhow::Ok(())
+        }
+        .await;
+        // Whatever the outcome, what waits for Loki gets one push, within
+        // the flush deadline.
+        if let Some(loki) = loki {
+            let stats = loki.shutdown().await;
+            if stats.dropped > 0 {
+                tracing::warn!(
+                    event_type = "shutdown",
+                    loki_sent = stats.sent,
+                    loki_dropped = stats.dropped,
+                    "Some log lines never reached Loki"
+                );
+            }
+        }
+        served
     })?;
     Ok(EXIT_OK)
 }

@@ -1,28 +1,37 @@
-//! The HTTP surface: `POST /orchestrate`, `GET /health`, problem+json errors.
+//! The HTTP surface: `POST /orchestrate`, `GET /health`, `GET /metrics`,
+//! problem+json errors.
 //!
 //! Holds no business logic: it validates the request, hands it to
 //! `engine::run_turn` with the deployment current when the request arrived,
 //! and shapes the answer. The live deployment sits in an `ArcSwap`, so a
 //! request keeps the project it started with and a swap never waits for one.
+//!
+//! Every request runs inside a `request` span (the `observe` middleware);
+//! `/orchestrate` records the turn's `trace_id`, `session_id`, `user_id` and
+//! `channel` on it, so every event of the turn carries them. The middleware
+//! also counts and times every answer.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::{Value as Json, json};
+use tracing::Instrument;
 
 use crate::engine::{self, TurnDeps, TurnRequest};
 use crate::intent::Classifier;
 use crate::project::CompiledProject;
 use crate::services::{ServiceMode, ServiceSpan, Transport};
 use crate::session::SessionStore;
+use crate::telemetry::{self, prometheus};
 
 /// Largest request body accepted.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -151,10 +160,71 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/orchestrate", post(orchestrate))
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(axum::middleware::from_fn(observe))
         .with_state(state)
+}
+
+/// The `endpoint` label of a request: its route, or `unmatched`. A fixed
+/// set, so a scan of random paths cannot grow the metrics.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/orchestrate" => "/orchestrate",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        _ => "unmatched",
+    }
+}
+
+/// What a turn was, for the request metrics (a response extension).
+#[derive(Debug, Clone)]
+struct TurnLabels {
+    route: String,
+    intent: String,
+}
+
+/// The stable code of an error answer, for the request metrics (a response
+/// extension).
+#[derive(Debug, Clone, Copy)]
+struct ErrorCode(&'static str);
+
+/// Runs every request inside a `request` span, then counts and times its
+/// answer.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let endpoint = endpoint_label(request.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        endpoint,
+        trace_id = tracing::field::Empty,
+        session_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+        channel = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span).await;
+    let status = response.status().as_u16().to_string();
+    let (route, intent) = match response.extensions().get::<TurnLabels>() {
+        Some(labels) => (labels.route.clone(), labels.intent.clone()),
+        None => ("none".to_owned(), "none".to_owned()),
+    };
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, "endpoint" => endpoint, "code" => *code)
+            .increment(1);
+    }
+    metrics::counter!(
+        prometheus::REQUESTS_TOTAL,
+        "endpoint" => endpoint,
+        "route" => route,
+        "intent" => intent,
+        "status" => status,
+    )
+    .increment(1);
+    metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// An error answer: RFC 9457 problem details with a stable `code`.
@@ -215,6 +285,7 @@ impl IntoResponse for ApiError {
         if let Some(value) = self.trace_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
             response.headers_mut().insert("x-trace-id", value);
         }
+        response.extensions_mut().insert(ErrorCode(self.code));
         response
     }
 }
@@ -321,6 +392,7 @@ async fn orchestrate(
     headers: HeaderMap,
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let deployment = state.deployment.load_full();
     let JsonObject(body) = body?;
     let project = &deployment.project;
@@ -348,6 +420,20 @@ async fn orchestrate(
         }
     }
     let request = turn_request(body, &headers)?;
+    let span = tracing::Span::current();
+    span.record("trace_id", request.trace_id.as_str());
+    span.record("session_id", request.session_id.as_str());
+    span.record("user_id", request.user_id.as_str());
+    span.record("channel", request.channel.as_str());
+    if telemetry::payloads_enabled() {
+        let mut payload = serde_json::Map::new();
+        payload.insert("text".to_owned(), Json::String(request.text.clone()));
+        payload.extend(request.input.clone());
+        let payload = telemetry::redact::redacted_text(&Json::Object(payload), &project.redact);
+        tracing::info!(event_type = "input", io = "in", payload = %payload, "Turn received");
+    } else {
+        tracing::info!(event_type = "input", io = "in", "Turn received");
+    }
     let deps = TurnDeps {
         project,
         modes: &deployment.modes,
@@ -377,13 +463,21 @@ async fn orchestrate(
     };
     tracing::info!(
         event_type = "output",
-        trace_id = %request.trace_id,
-        session_id = %request.session_id,
+        io = "out",
         route = %outcome.route,
         intent = %outcome.intent,
+        intent_confidence = outcome.intent_confidence,
+        intent_source = outcome.intent_source,
+        flow = %outcome.flow,
         decision = %outcome.decision,
+        services = outcome.service_spans.len(),
+        latency_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0,
         "Turn answered"
     );
+    let labels = TurnLabels {
+        route: outcome.route.clone(),
+        intent: outcome.intent.clone(),
+    };
     let envelope = Envelope {
         decision: outcome.decision,
         reply_text: outcome.reply_text,
@@ -399,6 +493,7 @@ async fn orchestrate(
     if let Ok(value) = HeaderValue::from_str(&request.trace_id) {
         response.headers_mut().insert("x-trace-id", value);
     }
+    response.extensions_mut().insert(labels);
     Ok(response)
 }
 
@@ -561,6 +656,19 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
     });
     axum::Json(body).into_response()
+}
+
+/// `GET /metrics`: every metric in Prometheus text format.
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    metrics::gauge!(prometheus::SESSIONS).set(state.sessions.len() as f64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        prometheus::render(),
+    )
+        .into_response()
 }
 
 /// Serves `app` on `listener` until `shutdown` completes; then stops

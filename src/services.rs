@@ -355,7 +355,26 @@ pub async fn call(
         matches!(mode, ServiceMode::Mock),
     );
     span.error = error;
+    record_call_metrics(service, error, started.elapsed());
     CallOutcome { result, span }
+}
+
+/// Counts the call by service and outcome (`ok` or its error code), and
+/// times it.
+fn record_call_metrics(service: &Service, error: Option<ServiceErrorCode>, elapsed: Duration) {
+    use crate::telemetry::prometheus;
+    let outcome = error.map_or("ok", ServiceErrorCode::as_str);
+    metrics::counter!(
+        prometheus::SERVICE_CALLS_TOTAL,
+        "service" => service.name.clone(),
+        "outcome" => outcome,
+    )
+    .increment(1);
+    metrics::histogram!(
+        prometheus::SERVICE_CALL_DURATION_SECONDS,
+        "service" => service.name.clone(),
+    )
+    .record(elapsed.as_secs_f64());
 }
 
 fn set_status(slot: &std::sync::Mutex<Option<u16>>, status: u16) {

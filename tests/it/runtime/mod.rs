@@ -9,6 +9,7 @@
 
 mod concurrency;
 mod llm_classifier;
+mod observability;
 mod requests;
 mod routes;
 mod serve_binary;
@@ -113,6 +114,7 @@ impl Harness {
     }
 
     pub fn new(options: HarnessOptions<'_>) -> Harness {
+        keep_callsites_interested();
         let root = repository_root();
         let dir = options.dir.unwrap_or(&root);
         let project = compile_project(dir, &options.variables);
@@ -161,6 +163,53 @@ impl Harness {
         let response = self.router().oneshot(request).await.unwrap();
         Answer::read(response).await
     }
+}
+
+/// Installs, once, a global subscriber that logs nothing but keeps every
+/// callsite's interest at "sometimes". Tests that watch logs install their
+/// own subscriber for their thread only; without this, a callsite first hit
+/// by another test at the moment such a subscriber is installed can cache
+/// "never" (a race in `tracing-core`'s interest cache) and its events would
+/// be lost to the test.
+pub fn keep_callsites_interested() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Interested);
+    });
+}
+
+/// Interested in every callsite, enabled for none.
+struct Interested;
+
+impl tracing::Subscriber for Interested {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, _: &tracing::Event<'_>) {}
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// A response, read whole.

@@ -212,3 +212,121 @@ async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+/// The child's stderr, line by line, read on a thread of its own.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (lines_sender, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// The port of the `Listening` JSON log line; every line read is kept in
+/// `logged`.
+fn listening_port(lines: &std::sync::mpsc::Receiver<String>, logged: &mut Vec<String>) -> u16 {
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(remaining)
+            .unwrap_or_else(|_| panic!("no `Listening` log line; logged: {logged:#?}"));
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        logged.push(line);
+        if event["message"] == "Listening" {
+            let address = event["address"].as_str().unwrap();
+            return address.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn serve_ships_logs_to_loki_and_flushes_them_on_sigterm() {
+    const TOKEN: &str = "glc_binary-token-never-logged";
+    let loki =
+        super::Stub::start(|_, _| async { super::json_response(204, serde_json::Value::Null) })
+            .await;
+    let loki_url = loki.url();
+    let child = serve_command(&[
+        ("MCP_PROJECT_DIR", repository_root().to_str().unwrap()),
+        ("GRAFANA_LOKI_URL", loki_url.as_str()),
+        ("GRAFANA_LOKI_USERNAME", "424242"),
+        ("GRAFANA_LOKI_API_TOKEN", TOKEN),
+        ("MCP_APP_LABEL", "mcp_binary_test"),
+    ])
+    .spawn()
+    .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let lines = stderr_lines(child.0.as_mut().unwrap());
+    let mut logged = Vec::new();
+    let port = listening_port(&lines, &mut logged);
+
+    let client = super::http_client();
+    let envelope: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{port}/orchestrate"))
+        .json(
+            &serde_json::json!({"text": "Can I see the menu?", "user_id": "u-1",
+                                  "trace_id": "trace-binary"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(envelope["route"], "menu");
+    let metrics = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"mcp_requests_total{endpoint="/orchestrate",route="menu",intent="menu",status="200"} 1"#),
+        "{metrics}"
+    );
+
+    let pid = child.0.as_ref().unwrap().id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let child = child.0.take().unwrap();
+    let (code, _) = tokio::task::spawn_blocking(move || wait_for_exit(child))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    logged.extend(lines.try_iter());
+
+    let mut pushed = Vec::new();
+    for request in loki.received() {
+        assert_eq!(request.path, "/loki/api/v1/push");
+        assert!(
+            request
+                .header("authorization")
+                .unwrap()
+                .starts_with("Basic ")
+        );
+        for stream in request.body["streams"].as_array().unwrap() {
+            assert_eq!(stream["stream"]["app"], "mcp_binary_test", "{stream}");
+            assert_eq!(stream["stream"]["env"], "development", "{stream}");
+            for value in stream["values"].as_array().unwrap() {
+                pushed.push(value[1].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let has = |needle: &str| pushed.iter().any(|line| line.contains(needle));
+    assert!(has(r#""trace_id":"trace-binary""#), "{pushed:#?}");
+    // Logged after the server stopped: only the shutdown flush sends it.
+    assert!(has(r#""message":"Stopped""#), "{pushed:#?}");
+    for line in pushed.iter().chain(&logged) {
+        assert!(!line.contains(TOKEN), "{line}");
+    }
+}

@@ -1,0 +1,194 @@
+//! Metrics in Prometheus text: the recorder behind the `metrics` facade,
+//! the names of every metric, and the upkeep that keeps histograms bounded.
+//!
+//! The `metrics` facade has one recorder per process; this module installs
+//! it once (`install`) and renders it for `GET /metrics` (`render`). Code
+//! that records a metric uses the facade with a name from here.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `endpoint`, `route`, `intent` and `status`.
+pub const REQUESTS_TOTAL: &str = "mcp_requests_total";
+/// Requests answered with a problem+json error, by `endpoint` and `code`.
+pub const REQUEST_ERRORS_TOTAL: &str = "mcp_request_errors_total";
+/// Time to answer a request, by `endpoint`.
+pub const REQUEST_DURATION_SECONDS: &str = "mcp_request_duration_seconds";
+/// Service calls, by `service` and `outcome` (`ok` or the error code).
+pub const SERVICE_CALLS_TOTAL: &str = "mcp_service_calls_total";
+/// Time of a service call, retries included, by `service`.
+pub const SERVICE_CALL_DURATION_SECONDS: &str = "mcp_service_call_duration_seconds";
+/// LLM classifications, by `outcome` (`ok`, `error`, `timeout`).
+pub const LLM_CLASSIFICATIONS_TOTAL: &str = "mcp_llm_classifications_total";
+/// Time of an LLM classification, the fallback excluded.
+pub const LLM_CLASSIFICATION_DURATION_SECONDS: &str = "mcp_llm_classification_duration_seconds";
+/// Reloads, by `outcome` (`success`, `unchanged`, `error`); recorded by `reload`.
+pub const RELOADS_TOTAL: &str = "mcp_reloads_total";
+/// The live project's generation.
+pub const PROJECT_GENERATION: &str = "mcp_project_generation";
+/// Time of a reload.
+pub const RELOAD_DURATION_SECONDS: &str = "mcp_reload_duration_seconds";
+/// Log lines pushed to Loki.
+pub const LOKI_LINES_SENT_TOTAL: &str = "mcp_loki_lines_sent_total";
+/// Log lines not pushed to Loki, by `reason`.
+pub const LOKI_LINES_DROPPED_TOTAL: &str = "mcp_loki_lines_dropped_total";
+/// Log lines waiting for Loki (buffer and batch).
+pub const LOKI_BUFFER_LINES: &str = "mcp_loki_buffer_lines";
+/// Pushes to Loki, by `outcome` (`success`, `error`).
+pub const LOKI_PUSHES_TOTAL: &str = "mcp_loki_pushes_total";
+/// Sessions held by the session store.
+pub const SESSIONS: &str = "mcp_sessions";
+/// Always 1, with the `version` label.
+pub const BUILD_INFO: &str = "mcp_build_info";
+
+/// Every metric name, for documentation and tests.
+pub const ALL: &[&str] = &[
+    REQUESTS_TOTAL,
+    REQUEST_ERRORS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    SERVICE_CALLS_TOTAL,
+    SERVICE_CALL_DURATION_SECONDS,
+    LLM_CLASSIFICATIONS_TOTAL,
+    LLM_CLASSIFICATION_DURATION_SECONDS,
+    RELOADS_TOTAL,
+    PROJECT_GENERATION,
+    RELOAD_DURATION_SECONDS,
+    LOKI_LINES_SENT_TOTAL,
+    LOKI_LINES_DROPPED_TOTAL,
+    LOKI_BUFFER_LINES,
+    LOKI_PUSHES_TOTAL,
+    SESSIONS,
+    BUILD_INFO,
+];
+
+/// Histogram buckets, in seconds: from 1 ms to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes; samples are held in memory until then.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder
+/// (once; later calls return the same handle) and registers the metrics
+/// that have no per-request labels, so they show from the start.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = || {
+            let builder = PrometheusBuilder::new();
+            match builder.set_buckets(DURATION_BUCKETS) {
+                Ok(builder) => builder,
+                Err(_) => PrometheusBuilder::new(),
+            }
+        };
+        let handle = match builder().install_recorder() {
+            Ok(handle) => handle,
+            // Another recorder is installed: this one renders what is
+            // recorded through it, which is nothing. Not reachable from the
+            // binary, which installs this one first.
+            Err(_) => builder().build_recorder().handle(),
+        };
+        describe();
+        handle
+    })
+}
+
+/// The current metrics in Prometheus text format.
+pub fn render() -> String {
+    install().render()
+}
+
+/// Folds histogram samples into buckets every `UPKEEP_INTERVAL`, so their
+/// memory stays bounded without scrapes. Needs a Tokio runtime.
+pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
+    let handle = install();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(UPKEEP_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
+/// Sets the generation gauge (start-up sets 1; reloads set theirs).
+pub fn record_generation(generation: u64) {
+    metrics::gauge!(PROJECT_GENERATION).set(generation as f64);
+}
+
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by endpoint, flow route, intent and HTTP status"
+    );
+    metrics::describe_counter!(
+        REQUEST_ERRORS_TOTAL,
+        "Requests answered with a problem+json error, by endpoint and code"
+    );
+    metrics::describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to answer a request, by endpoint"
+    );
+    metrics::describe_counter!(
+        SERVICE_CALLS_TOTAL,
+        "Service calls, by service and outcome (ok or the error code)"
+    );
+    metrics::describe_histogram!(
+        SERVICE_CALL_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time of a service call, retries included, by service"
+    );
+    metrics::describe_counter!(
+        LLM_CLASSIFICATIONS_TOTAL,
+        "LLM intent classifications, by outcome (ok, error, timeout)"
+    );
+    metrics::describe_histogram!(
+        LLM_CLASSIFICATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time of an LLM intent classification"
+    );
+    metrics::describe_counter!(RELOADS_TOTAL, "Project reloads, by outcome");
+    metrics::describe_gauge!(PROJECT_GENERATION, "Generation of the live project");
+    metrics::describe_histogram!(
+        RELOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time of a project reload"
+    );
+    metrics::describe_counter!(LOKI_LINES_SENT_TOTAL, "Log lines pushed to Loki");
+    metrics::describe_counter!(
+        LOKI_LINES_DROPPED_TOTAL,
+        "Log lines not pushed to Loki, by reason"
+    );
+    metrics::describe_gauge!(LOKI_BUFFER_LINES, "Log lines waiting to be pushed to Loki");
+    metrics::describe_counter!(LOKI_PUSHES_TOTAL, "Pushes to Loki, by outcome");
+    metrics::describe_gauge!(SESSIONS, "Sessions held by the session store");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
+
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for outcome in ["success", "unchanged", "error"] {
+        metrics::counter!(RELOADS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    let _ = metrics::histogram!(RELOAD_DURATION_SECONDS);
+    let _ = metrics::gauge!(PROJECT_GENERATION);
+    for outcome in ["ok", "error", "timeout"] {
+        metrics::counter!(LLM_CLASSIFICATIONS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    let _ = metrics::histogram!(LLM_CLASSIFICATION_DURATION_SECONDS);
+    metrics::counter!(LOKI_LINES_SENT_TOTAL).increment(0);
+    for reason in super::loki::DropReason::ALL {
+        metrics::counter!(LOKI_LINES_DROPPED_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+    for outcome in ["success", "error"] {
+        metrics::counter!(LOKI_PUSHES_TOTAL, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(LOKI_BUFFER_LINES).set(0.0);
+    metrics::gauge!(SESSIONS).set(0.0);
+}
