@@ -460,6 +460,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// (passed, failed), counting each case and each golden set once.
+    pub fn counts(&self) -> (usize, usize) {
+        let passed = self.cases.iter().filter(|c| c.passed()).count()
+            + self.golden.iter().filter(|g| g.passed()).count();
+        (passed, self.cases.len() + self.golden.len() - passed)
+    }
+
     pub fn passed(&self) -> bool {
         self.cases.iter().all(CaseResult::passed) && self.golden.iter().all(GoldenResult::passed)
     }

@@ -49,9 +49,7 @@ pub fn human(report: &Report, coverage: Option<&Coverage>, elapsed: std::time::D
     if let Some(coverage) = coverage {
         write_coverage(&mut out, coverage);
     }
-    let passed = report.cases.iter().filter(|c| c.passed()).count()
-        + report.golden.iter().filter(|g| g.passed()).count();
-    let failed = report.cases.len() + report.golden.len() - passed;
+    let (passed, failed) = report.counts();
     let _ = writeln!(out, "\nfinished in {:.2}s", elapsed.as_secs_f64());
     let _ = writeln!(out, "{passed} passed, {failed} failed");
     out
@@ -121,9 +119,8 @@ pub fn junit(report: &Report) -> String {
     files.extend(report.golden.iter().map(|g| g.file.as_path()));
     files.sort();
     files.dedup();
-    let total = report.cases.len() + report.golden.len();
-    let failures = report.cases.iter().filter(|c| !c.passed()).count()
-        + report.golden.iter().filter(|g| !g.passed()).count();
+    let (passed, failures) = report.counts();
+    let total = passed + failures;
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         out,
@@ -227,9 +224,7 @@ pub fn github(report: &Report) -> String {
             ))
         );
     }
-    let passed = report.cases.iter().filter(|c| c.passed()).count()
-        + report.golden.iter().filter(|g| g.passed()).count();
-    let failed = report.cases.len() + report.golden.len() - passed;
+    let (passed, failed) = report.counts();
     let _ = writeln!(out, "{passed} passed, {failed} failed");
     out
 }
