@@ -148,6 +148,7 @@ impl Reloader {
     /// Runs one reload now, on the calling thread (it reads files and
     /// compiles; call it from a blocking context).
     pub fn reload_now(&self) -> Outcome {
+        self.record(|status| status.attempts += 1);
         let started = Instant::now();
         let current = self.state.deployment.load_full();
         let next_generation = current.generation + 1;
@@ -246,11 +247,14 @@ impl Reloader {
             None,
             move |result: notify_debouncer_full::DebounceEventResult| match result {
                 Ok(events) => {
+                    // Reading a file is not a change: a reload reads every
+                    // file, and reacting to its own reads would loop.
                     let relevant = events.iter().any(|event| {
-                        event
-                            .paths
-                            .iter()
-                            .any(|path| reloader.is_project_path(path))
+                        !event.kind.is_access()
+                            && event
+                                .paths
+                                .iter()
+                                .any(|path| reloader.is_project_path(path))
                     });
                     if relevant {
                         reloader.request();

@@ -122,6 +122,8 @@ pub fn deploy(
 /// What `/health` says about reloads; filled by the reloader.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReloadStatus {
+    /// Reloads run since start-up, whatever their outcome.
+    pub attempts: u64,
     pub last_success_at: Option<String>,
     pub last_error: Option<ReloadError>,
 }
@@ -651,6 +653,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "reload": {
             "generation": deployment.generation,
             "content_hash": project.content_hash,
+            "attempts": reload.attempts,
             "last_success_at": reload.last_success_at,
             "last_error": reload.last_error,
         },

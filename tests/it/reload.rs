@@ -430,3 +430,31 @@ async fn a_symlinked_project_swapped_like_a_config_map_is_seen() {
             .starts_with("ConfigMap menu:")
     );
 }
+
+/// A reload reads every project file; reads must not trigger reloads. This
+/// watches for an absence, so it can only observe a window: one second of
+/// idling after a reload, long against the 50 ms debounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_project_does_not_trigger_reloads() {
+    let served = serve_project(shipped_project_copy(), &[]).await;
+    edit(&served.path("flows/menu.yaml"), MENU_INTRO, "Quiet menu:");
+    let health = served
+        .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
+        .await;
+    let attempts = health["reload"]["attempts"].as_u64().unwrap();
+    // Reading the files, as a reload does, changes nothing.
+    for entry in std::fs::read_dir(served.path("flows")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::read_to_string(path).unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let health = served.health().await;
+    assert_eq!(
+        health["reload"]["attempts"].as_u64().unwrap(),
+        attempts,
+        "{health:#}"
+    );
+    assert_eq!(health["reload"]["generation"], 2);
+}
