@@ -443,11 +443,25 @@ async fn reading_the_project_does_not_trigger_reloads() {
         .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
         .await;
     // Let the edit's trailing events (a write may arrive as two batches)
-    // run their course; then nothing may happen.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let attempts = served.health().await["reload"]["attempts"]
+    // run their course: wait until the count holds still for half a second.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut attempts = served.health().await["reload"]["attempts"]
         .as_u64()
         .unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = served.health().await["reload"]["attempts"]
+            .as_u64()
+            .unwrap();
+        if now == attempts {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reloads never stopped: {now} so far"
+        );
+        attempts = now;
+    }
     // Reading the files, as a reload does, changes nothing.
     for entry in std::fs::read_dir(served.path("flows")).unwrap() {
         let path = entry.unwrap().path();
