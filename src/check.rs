@@ -1734,7 +1734,7 @@ impl<'a> Checker<'a> {
     ) -> Option<template::TemplateId> {
         match self.templates.add_template(&text.value) {
             Ok((id, analysis)) => {
-                self.check_variables(file, text.position, &text.value, &analysis, scope, facts);
+                self.check_variables(file, text.position, &analysis, scope, facts);
                 Some(id)
             }
             Err(error) => {
@@ -1756,7 +1756,7 @@ impl<'a> Checker<'a> {
         let expression = template::lone_expression(source).unwrap_or(source);
         match self.templates.add_expression(expression) {
             Ok((id, analysis)) => {
-                self.check_variables(file, at.position, source, &analysis, scope, facts);
+                self.check_variables(file, at.position, &analysis, scope, facts);
                 Some(id)
             }
             Err(error) => {
@@ -1780,7 +1780,7 @@ impl<'a> Checker<'a> {
                     let expression = expression.to_owned();
                     match self.templates.add_expression(&expression) {
                         Ok((id, analysis)) => {
-                            self.check_variables(file, at.position, text, &analysis, scope, facts);
+                            self.check_variables(file, at.position, &analysis, scope, facts);
                             Some(ValueTemplate::Expression(id))
                         }
                         Err(error) => {
@@ -1893,12 +1893,10 @@ impl<'a> Checker<'a> {
         &mut self,
         file: &Path,
         position: Position,
-        source: &str,
         analysis: &Analysis,
         scope: &Scope,
         facts: &FlowFacts<'_>,
     ) {
-        let _ = source;
         let mut paths: Vec<&String> = analysis.variables.iter().collect();
         paths.sort();
         // `a.b` is reported under `a.b.c` too; keep the longest paths only

@@ -336,8 +336,7 @@ fn snippet_for<'a>(
     }
     let text = sources.get(&location.file)?;
     let line_index = usize::try_from(location.line - 1).ok()?;
-    let (line_start, line_text) = nth_line(text, line_index)?;
-    let _ = line_start;
+    let line_text = nth_line(text, line_index)?;
     let column = usize::try_from(location.column.max(1) - 1).ok()?;
     let start = char_to_byte(line_text, column);
     let end = if location.end_line == location.line {
@@ -362,15 +361,10 @@ fn snippet_for<'a>(
     )
 }
 
-fn nth_line(text: &str, index: usize) -> Option<(usize, &str)> {
-    let mut offset = 0;
-    for (i, line) in text.split('\n').enumerate() {
-        if i == index {
-            return Some((offset, line.strip_suffix('\r').unwrap_or(line)));
-        }
-        offset += line.len() + 1;
-    }
-    None
+fn nth_line(text: &str, index: usize) -> Option<&str> {
+    text.split('\n')
+        .nth(index)
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
 }
 
 fn char_to_byte(line: &str, chars: usize) -> usize {
