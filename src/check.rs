@@ -561,6 +561,17 @@ impl<'a> Checker<'a> {
             None => (None, None),
         };
         let (prompt, answer_schema) = crate::intent::llm_instructions(intents);
+        let keywords = match crate::intent::KeywordIndex::new(intents) {
+            Ok(keywords) => Some(keywords),
+            Err(message) => {
+                self.error(
+                    Code::InvalidValue,
+                    Location::file(file.to_path_buf()),
+                    message,
+                );
+                None
+            }
+        };
         Some(project::Classifier {
             llm: project::LlmSettings {
                 model: model.unwrap_or_else(|| project::DEFAULT_LLM_MODEL.to_owned()),
@@ -570,6 +581,7 @@ impl<'a> Checker<'a> {
             },
             min_confidence,
             fallback: fallback?,
+            keywords: keywords?,
         })
     }
 

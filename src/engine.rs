@@ -19,7 +19,7 @@ use crate::project::{Action, Call, CompiledProject, Flow, Service, Step, StepSou
 use crate::services::{self, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport};
 use crate::session::{SessionStore, TurnUpdate};
 use crate::telemetry;
-use crate::template::ValueTemplate;
+use crate::template::{ValueTemplate, json_document};
 
 /// Elements a `foreach` may walk in one turn; a longer list is an error.
 pub const MAX_FOREACH_ITEMS: usize = 100;
@@ -169,19 +169,22 @@ pub async fn run_turn(
             .as_deref()
             .map_or(Value::from(()), Value::from),
     );
-    context.insert("input", Value::from_serialize_json(&request.input));
+    context.insert(
+        "input",
+        json_document(serde_json::Value::Object(request.input.clone())),
+    );
     context.insert(
         "intent",
         map_value([
             ("name", Value::from(intent.name.as_str())),
             ("confidence", Value::from(classification.confidence)),
-            (
-                "entities",
-                Value::from_serialize_json(&classification.entities),
-            ),
+            ("entities", Value::from(classification.entities.clone())),
         ]),
     );
-    context.insert("session", Value::from_serialize_json(&session.variables));
+    context.insert(
+        "session",
+        json_document(serde_json::Value::Object(session.variables.clone())),
+    );
     let mut run = Run {
         deps,
         flow,
@@ -244,10 +247,11 @@ pub fn trace_headers(trace_id: &str) -> TraceHeaders {
         let digest = Sha256::digest(trace_id.as_bytes());
         digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
     };
-    let span_id = uuid::Uuid::new_v4().simple().to_string();
+    // A span id is 16 hex digits and must not be all zeros.
+    let span_id = rand::random::<u64>().max(1);
     TraceHeaders {
         trace_id: trace_id.to_owned(),
-        traceparent: format!("00-{w3c_trace_id}-{}-01", &span_id[..16]),
+        traceparent: format!("00-{w3c_trace_id}-{span_id:016x}-01"),
     }
 }
 
@@ -259,16 +263,6 @@ fn map_value<const N: usize>(entries: [(&str, Value); N]) -> Value {
             .map(|(key, value)| (key.to_owned(), value))
             .collect::<BTreeMap<String, Value>>(),
     )
-}
-
-trait FromSerializeJson {
-    fn from_serialize_json<T: Serialize>(value: &T) -> Value;
-}
-
-impl FromSerializeJson for Value {
-    fn from_serialize_json<T: Serialize>(value: &T) -> Value {
-        Value::from(minijinja::value::Serde(value))
-    }
 }
 
 /// The template context of a turn. Templates see it as one map value,
@@ -389,8 +383,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 match outcome {
                     Ok(value) => {
                         if let Some(id) = &step.id {
-                            self.context
-                                .set(id.clone(), Value::from_serialize_json(&value));
+                            self.context.set(id.clone(), json_document(value));
                         }
                         Ok(Control::Next)
                     }
@@ -422,7 +415,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 }
                 self.context.set(
                     "session".to_owned(),
-                    Value::from_serialize_json(&self.session_variables),
+                    json_document(serde_json::Value::Object(self.session_variables.clone())),
                 );
                 Ok(Control::Next)
             }
@@ -464,10 +457,9 @@ impl<'a, 'd> Run<'a, 'd> {
                         if let Some(id) = &inner.id
                             && let Some(value) = self.context.take(id)
                         {
-                            results.insert(
-                                id.clone(),
-                                serde_json::to_value(&value).unwrap_or(serde_json::Value::Null),
-                            );
+                            let value = crate::template::to_json(&value)
+                                .map_err(|error| Self::template_error(inner, &error))?;
+                            results.insert(id.clone(), value);
                         }
                     }
                     collected.push(serde_json::Value::Object(results));
@@ -480,8 +472,10 @@ impl<'a, 'd> Run<'a, 'd> {
                     None => self.context.take(&foreach.binding),
                 };
                 if let Some(id) = &step.id {
-                    self.context
-                        .set(id.clone(), Value::from_serialize_json(&collected));
+                    self.context.set(
+                        id.clone(),
+                        json_document(serde_json::Value::Array(collected)),
+                    );
                 }
                 Ok(Control::Next)
             }
@@ -550,8 +544,7 @@ impl<'a, 'd> Run<'a, 'd> {
             match outcome.result {
                 Ok(value) => {
                     if let Some(id) = &branch.id {
-                        self.context
-                            .set(id.clone(), Value::from_serialize_json(&value));
+                        self.context.set(id.clone(), json_document(value));
                     }
                 }
                 Err(error) => {

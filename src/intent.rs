@@ -112,35 +112,81 @@ fn confidence_for(words: usize) -> f64 {
 
 pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classification {
     let normalized = normalize(text);
-    let mut best: Option<(Score, IntentId)> = None;
-    for (index, intent) in project.intents.iter().enumerate() {
-        for keyword in &intent.keywords {
-            if !contains_phrase(&normalized, keyword) {
-                continue;
-            }
-            let score = Score {
-                words: keyword.split(' ').count(),
-                characters: keyword.len(),
-            };
-            if best.is_none_or(|(best_score, _)| score > best_score) {
-                best = Some((score, IntentId(index as u32)));
-            }
-        }
-    }
-    let (intent, confidence) = match best {
-        Some((score, intent)) => (intent, confidence_for(score.words)),
+    let (intent, confidence) = match project.classifier.keywords.best_match(&normalized) {
+        Some((intent, words)) => (intent, confidence_for(words)),
         None => (project.classifier.fallback, 0.0),
     };
     finish(project, text, intent, confidence, Source::Rules, None)
 }
 
-/// `normalized` is ` words like this `; the keyword is `like this`.
-fn contains_phrase(normalized: &str, keyword: &str) -> bool {
-    let bytes = normalized.as_bytes();
-    normalized.match_indices(keyword).any(|(start, _)| {
-        let end = start + keyword.len();
-        start > 0 && bytes[start - 1] == b' ' && bytes.get(end) == Some(&b' ')
-    })
+/// Every intent's keywords in one automaton, so a text is scanned once
+/// whatever the number of keywords.
+#[derive(Debug, Clone)]
+pub struct KeywordIndex {
+    /// Patterns are ` keyword ` (spaces included), matched against
+    /// `normalize`d text, which puts a space around every word.
+    automaton: aho_corasick::AhoCorasick,
+    /// Per pattern: its intent and its score.
+    patterns: Vec<(IntentId, Score)>,
+}
+
+impl KeywordIndex {
+    /// Indexes the keywords of `intents` (already normalized by `check`).
+    pub fn new(intents: &[crate::project::Intent]) -> Result<KeywordIndex, String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut texts = Vec::new();
+        let mut patterns = Vec::new();
+        for (index, intent) in intents.iter().enumerate() {
+            for keyword in &intent.keywords {
+                // A repeated keyword cannot win over its first occurrence.
+                if !seen.insert(keyword.as_str()) {
+                    continue;
+                }
+                texts.push(format!(" {keyword} "));
+                patterns.push((
+                    IntentId(index as u32),
+                    Score {
+                        words: keyword.split(' ').count(),
+                        characters: keyword.len(),
+                    },
+                ));
+            }
+        }
+        let automaton = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::Standard)
+            .build(&texts)
+            .map_err(|error| format!("the intents' keywords cannot be indexed: {error}"))?;
+        Ok(KeywordIndex {
+            automaton,
+            patterns,
+        })
+    }
+
+    /// The intent of the most specific keyword in `normalized` text (more
+    /// words, then more characters; on a tie, the one declared first) and
+    /// that keyword's word count.
+    pub fn best_match(&self, normalized: &str) -> Option<(IntentId, usize)> {
+        let mut best: Option<(Score, usize)> = None;
+        for found in self.automaton.find_overlapping_iter(normalized) {
+            let pattern = found.pattern().as_usize();
+            let Some((_, score)) = self.patterns.get(pattern) else {
+                continue;
+            };
+            let better = match best {
+                None => true,
+                Some((best_score, best_pattern)) => {
+                    *score > best_score || (*score == best_score && pattern < best_pattern)
+                }
+            };
+            if better {
+                best = Some((*score, pattern));
+            }
+        }
+        let (score, pattern) = best?;
+        self.patterns
+            .get(pattern)
+            .map(|(intent, _)| (*intent, score.words))
+    }
 }
 
 /// The classification for an intent chosen elsewhere (an LLM answer, a
@@ -401,13 +447,48 @@ mod tests {
         assert_eq!(normalize(""), " ");
     }
 
+    fn index(keywords: &[&[&str]]) -> KeywordIndex {
+        let intents: Vec<crate::project::Intent> = keywords
+            .iter()
+            .enumerate()
+            .map(|(index, words)| crate::project::Intent {
+                name: format!("intent{index}"),
+                description: String::new(),
+                examples: Vec::new(),
+                keywords: words.iter().map(|word| (*word).to_owned()).collect(),
+                entities: Vec::new(),
+            })
+            .collect();
+        KeywordIndex::new(&intents).unwrap()
+    }
+
     #[test]
     fn phrases_match_whole_words_only() {
         let text = normalize("Can you track this order?");
-        assert!(contains_phrase(&text, "track"));
-        assert!(contains_phrase(&text, "this order"));
-        assert!(!contains_phrase(&text, "hi"));
-        assert!(!contains_phrase(&text, "rack"));
-        assert!(!contains_phrase(&text, "track this ord"));
+        let matches = |keyword: &str| index(&[&[keyword]]).best_match(&text).is_some();
+        assert!(matches("track"));
+        assert!(matches("this order"));
+        assert!(!matches("hi"));
+        assert!(!matches("rack"));
+        assert!(!matches("track this ord"));
+    }
+
+    #[test]
+    fn the_most_specific_keyword_wins_and_ties_go_to_the_first() {
+        let keywords: &[&[&str]] = &[
+            &["order", "my order"],
+            &["track my order"],
+            &["order"],
+            &["menu"],
+        ];
+        let index = index(keywords);
+        let best = |text: &str| index.best_match(&normalize(text));
+        assert_eq!(best("track my order"), Some((IntentId(1), 3)));
+        assert_eq!(best("where is my order"), Some((IntentId(0), 2)));
+        // `order` is a keyword of intents 0 and 2: the first declared wins.
+        assert_eq!(best("order now"), Some((IntentId(0), 1)));
+        // Overlapping matches are all seen.
+        assert_eq!(best("menu order"), Some((IntentId(0), 1)));
+        assert_eq!(best("nothing here"), None);
     }
 }

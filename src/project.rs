@@ -99,6 +99,8 @@ pub struct Classifier {
     pub llm: LlmSettings,
     pub min_confidence: f64,
     pub fallback: IntentId,
+    /// Every intent's keywords, for the rule classifier.
+    pub keywords: crate::intent::KeywordIndex,
 }
 
 #[derive(Debug)]

@@ -521,8 +521,7 @@ pub fn turn_request(
             ));
         }
         Some(trace_id) => trace_id,
-        None => trace_id_from_traceparent(headers)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+        None => trace_id_from_traceparent(headers).unwrap_or_else(new_trace_id),
     };
     let tenant = optional_string(&body, "tenant")?;
     for field in ENVELOPE_FIELDS {
@@ -582,6 +581,12 @@ fn optional_string(
             format!("`{field}` must be a string"),
         )),
     }
+}
+
+/// A new trace id: 32 lowercase hex digits from the thread's CSPRNG (no
+/// system call per request), never all zeros.
+fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>().max(1))
 }
 
 /// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).

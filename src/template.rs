@@ -13,8 +13,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::LazyLock;
 
+use minijinja::value::{Enumerator, Object, ObjectExt, ObjectRepr};
 use minijinja::{Environment, Error, Expression, Template, UndefinedBehavior, Value};
 use regex::Regex;
+use yoke::Yoke;
 
 /// Instructions one render may execute before it is stopped, so that no
 /// template can spin forever.
@@ -228,9 +230,7 @@ impl Templates {
                         "the expression is undefined",
                     ));
                 }
-                serde_json::to_value(&value).map_err(|error| {
-                    Error::new(minijinja::ErrorKind::BadSerialization, error.to_string())
-                })?
+                to_json(&value)?
             }
             ValueTemplate::List(items) => serde_json::Value::Array(
                 items
@@ -246,6 +246,137 @@ impl Templates {
             ),
         })
     }
+}
+
+/// A JSON document as a template value, without converting it: templates
+/// see its maps and lists as views into the one shared document, made only
+/// when a template reaches them, and its scalars converted when read. A
+/// service answer is often larger than what its flow reads. Maps keep the
+/// document's key order.
+pub fn json_document(document: serde_json::Value) -> Value {
+    JsonView(Yoke::attach_to_cart(Arc::new(document), |value| value)).into_value()
+}
+
+/// A node of a shared JSON document (see `json_document`).
+#[derive(Clone)]
+struct JsonView(Yoke<&'static serde_json::Value, Arc<serde_json::Value>>);
+
+impl JsonView {
+    fn node(&self) -> &serde_json::Value {
+        self.0.get()
+    }
+
+    fn into_value(self) -> Value {
+        match scalar(self.node()) {
+            Some(value) => value,
+            None => Value::from_object(self),
+        }
+    }
+
+    /// The child `pick` finds, as a template value.
+    fn child(
+        &self,
+        pick: impl for<'a> Fn(&'a serde_json::Value) -> Option<&'a serde_json::Value>,
+    ) -> Option<Value> {
+        let child = pick(self.node())?;
+        if let Some(value) = scalar(child) {
+            return Some(value);
+        }
+        // A map or a list: a view sharing the document. `pick` found it
+        // above, so it finds it again.
+        self.0
+            .try_map_project_cloned(|node, _| pick(node).ok_or(()))
+            .ok()
+            .map(|view| Value::from_object(JsonView(view)))
+    }
+}
+
+/// A JSON scalar as a template value; `None` for maps and lists.
+fn scalar(value: &serde_json::Value) -> Option<Value> {
+    Some(match value {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(flag) => Value::from(*flag),
+        serde_json::Value::Number(number) => {
+            if let Some(unsigned) = number.as_u64() {
+                Value::from(unsigned)
+            } else if let Some(signed) = number.as_i64() {
+                Value::from(signed)
+            } else {
+                Value::from(number.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(text) => Value::from(text.as_str()),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => return None,
+    })
+}
+
+impl fmt::Debug for JsonView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.node(), f)
+    }
+}
+
+impl Object for JsonView {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        match self.node() {
+            serde_json::Value::Array(_) => ObjectRepr::Seq,
+            _ => ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match self.node() {
+            serde_json::Value::Object(_) => self.get_value_by_str(key.as_str()?),
+            serde_json::Value::Array(_) => {
+                let index = key.as_usize()?;
+                self.child(|node| node.as_array()?.get(index))
+            }
+            _ => None,
+        }
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        self.child(|node| node.as_object()?.get(key))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        match self.node() {
+            serde_json::Value::Object(_) => self.mapped_enumerator(|this| match this.node() {
+                serde_json::Value::Object(map) => {
+                    Box::new(map.keys().map(|key| Value::from(key.as_str())))
+                }
+                _ => Box::new(std::iter::empty()),
+            }),
+            serde_json::Value::Array(items) => {
+                let length = items.len();
+                self.mapped_enumerator(move |this| {
+                    Box::new(
+                        (0..length)
+                            .filter_map(|index| this.child(|node| node.as_array()?.get(index))),
+                    )
+                })
+            }
+            _ => Enumerator::Empty,
+        }
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        match self.node() {
+            serde_json::Value::Object(map) => Some(map.len()),
+            serde_json::Value::Array(items) => Some(items.len()),
+            _ => Some(0),
+        }
+    }
+}
+
+/// The JSON a template value stands for: a document view as it is in the
+/// document (numbers keep their exact type), anything else serialized.
+pub fn to_json(value: &Value) -> Result<serde_json::Value, Error> {
+    if let Some(view) = value.downcast_object_ref::<JsonView>() {
+        return Ok(view.node().clone());
+    }
+    serde_json::to_value(value)
+        .map_err(|error| Error::new(minijinja::ErrorKind::BadSerialization, error.to_string()))
 }
 
 fn missing(index: u32) -> Error {
@@ -298,6 +429,62 @@ mod tests {
         templates
             .render_value(&value, &Value::from(minijinja::value::Serde(&context)))
             .unwrap()
+    }
+
+    #[test]
+    fn json_documents_read_like_converted_json_and_keep_key_order() {
+        let json = json!({
+            "z": [1, -2, 3.5, 18446744073709551615u64, null, true, "text"],
+            "a": {"nested": {"deep": "value"}, "empty": {}, "list": []},
+            "long": "a string longer than the small-string optimisation holds",
+        });
+        let document = super::json_document(json.clone());
+        let converted = Value::from(minijinja::value::Serde(&json));
+        assert_eq!(document, converted);
+        let env = minijinja::Environment::new();
+        let render = |source: &str| {
+            env.render_str(source, minijinja::context! { doc => document.clone() })
+                .unwrap()
+        };
+        assert_eq!(
+            render("{{ doc.z[0] + doc.z[1] }} {{ doc.z[-1] }} {{ doc.z[3] }}"),
+            "-1 text 18446744073709551615"
+        );
+        assert_eq!(
+            render("{{ doc.a.nested.deep }} {{ doc['long'] | length }}"),
+            "value 56"
+        );
+        assert_eq!(
+            render(
+                "{{ doc.a.empty is mapping }} {{ doc.z is sequence }} {{ doc.a.list | length }}"
+            ),
+            "True True 0"
+        );
+        assert_eq!(
+            render(
+                "{% if doc.a.empty %}x{% else %}empty{% endif %} {{ doc.missing is undefined }}"
+            ),
+            "empty True"
+        );
+        // Keys in the document's order, not sorted.
+        assert_eq!(
+            render("{% for key in doc %}{{ key }},{% endfor %}"),
+            "z,a,long,"
+        );
+        assert_eq!(
+            render(
+                "{% for key, value in doc.a | items %}{{ key }}={{ value | length }};{% endfor %}"
+            ),
+            "nested=1;empty=0;list=0;"
+        );
+        // A view turns back into exactly the JSON it points at.
+        let nested = env
+            .compile_expression("doc.z")
+            .unwrap()
+            .eval(minijinja::context! { doc => document.clone() })
+            .unwrap();
+        assert_eq!(super::to_json(&nested).unwrap(), json["z"]);
+        assert_eq!(super::to_json(&document).unwrap(), json);
     }
 
     #[test]
