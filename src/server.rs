@@ -398,29 +398,39 @@ async fn orchestrate(
     let deployment = state.deployment.load_full();
     let JsonObject(body) = body?;
     let project = &deployment.project;
-    if let Some(schema) = &project.request_schema {
-        let instance = Json::Object(body.clone());
-        if let Some(error) = schema.iter_errors(&instance).next() {
-            let mut pointer = error.instance_path().to_string();
-            // A missing property is reported at its object; point at the
-            // property itself.
-            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
-                && let Some(name) = property.as_str()
+    let body = match &project.request_schema {
+        Some(schema) => {
+            // Validated as a JSON value, then taken apart again: no copy.
+            let instance = Json::Object(body);
+            if !schema.is_valid(&instance)
+                && let Some(error) = schema.iter_errors(&instance).next()
             {
-                pointer.push('/');
-                pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                let mut pointer = error.instance_path().to_string();
+                // A missing property is reported at its object; point at the
+                // property itself.
+                if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
+                    && let Some(name) = property.as_str()
+                {
+                    pointer.push('/');
+                    pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                }
+                return Err(ApiError::invalid(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    pointer.clone(),
+                    format!(
+                        "{} at `{}`",
+                        error,
+                        if pointer.is_empty() { "/" } else { &pointer }
+                    ),
+                ));
             }
-            return Err(ApiError::invalid(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                pointer.clone(),
-                format!(
-                    "{} at `{}`",
-                    error,
-                    if pointer.is_empty() { "/" } else { &pointer }
-                ),
-            ));
+            match instance {
+                Json::Object(body) => body,
+                _ => serde_json::Map::new(),
+            }
         }
-    }
+        None => body,
+    };
     let request = turn_request(body, &headers)?;
     let span = tracing::Span::current();
     span.record("trace_id", request.trace_id.as_str());

@@ -138,13 +138,17 @@ impl HttpTransport {
 }
 
 /// The process's HTTP client: rustls, pooled keep-alive connections, a
-/// connect timeout; per-request timeouts are set on each request.
+/// connect timeout, no redirects; per-request timeouts are set on each
+/// request.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
+        // A service or LLM answering a redirect is answering an error: a
+        // call goes to the URL the project names and nowhere else.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("mcp-orchestrator/", env!("CARGO_PKG_VERSION")))
         .build()
 }
@@ -494,7 +498,10 @@ fn interpret(
         }
         value = items.swap_remove(0);
     }
+    // `is_valid` stops at the first failure without building errors; the
+    // error is built only for an answer that fails.
     if let Some(schema) = &service.response_schema
+        && !schema.validator.is_valid(&value)
         && let Some(error) = schema.validator.iter_errors(&value).next()
     {
         let pointer = error.instance_path().to_string();

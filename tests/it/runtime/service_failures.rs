@@ -81,6 +81,29 @@ async fn timeout_of_the_service_is_service_timeout() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_service_http_error_and_is_not_followed() {
+    // The redirect points at a second stub: it must never be called.
+    let elsewhere = Stub::json(200, json!({"order_id": "ORD-9", "status": "confirmed"})).await;
+    let target = elsewhere.url();
+    let order = Stub::start(move |_, _| {
+        let target = target.clone();
+        async move {
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, target)],
+            )
+                .into_response()
+        }
+    })
+    .await;
+    let harness = order_harness(order.url());
+    let envelope = harness.turn(order_request()).await;
+    assert_order_failed(&envelope, "service_http_error");
+    assert_eq!(only_span(&envelope)["status"], 307);
+    assert!(elsewhere.received().is_empty(), "the redirect was followed");
+}
+
+#[tokio::test]
 async fn http_500_is_service_http_error() {
     let order = Stub::start(|_, _| async {
         (
