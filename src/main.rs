@@ -309,6 +309,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     runtime.block_on(async move {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = mcp_orchestrator::services::http_client()?;
+        let transport = mcp_orchestrator::services::HttpTransport::new()?;
         let loki = telemetry.start_loki(http.clone());
         let _upkeep = prometheus::spawn_upkeep();
         let classifier: std::sync::Arc<dyn mcp_orchestrator::intent::Classifier> =
@@ -333,7 +334,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 args.session_ttl,
                 args.session_max,
             )),
-            transport: std::sync::Arc::new(mcp_orchestrator::services::HttpTransport::new(http)),
+            transport: std::sync::Arc::new(transport),
             settings: RuntimeSettings {
                 environment,
                 request_timeout: args.request_timeout,

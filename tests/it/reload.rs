@@ -107,7 +107,7 @@ async fn serve_dir(
         deployment: ArcSwap::from_pointee(prepared.deployment),
         classifier: Arc::new(RuleClassifier),
         sessions: Arc::new(MemorySessionStore::new(Duration::from_secs(60), 1000)),
-        transport: Arc::new(HttpTransport::new(http.clone())),
+        transport: Arc::new(HttpTransport::new().unwrap()),
         settings: RuntimeSettings {
             environment: Environment::Development,
             request_timeout: Duration::from_secs(30),

@@ -50,6 +50,12 @@ pub fn http_client() -> reqwest::Client {
     mcp_orchestrator::services::http_client().unwrap()
 }
 
+/// The service transport, as `serve` builds it.
+pub fn http_transport() -> HttpTransport {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    HttpTransport::new().unwrap()
+}
+
 /// Loads and compiles a project; fails the test on any error diagnostic.
 pub fn compile_project(dir: &Path, variables: &[(&str, String)]) -> CompiledProject {
     let mut environment = test_environment();
@@ -127,7 +133,7 @@ impl Harness {
             deployment: ArcSwap::from_pointee(deployment),
             classifier: options.classifier,
             sessions: sessions.clone(),
-            transport: Arc::new(HttpTransport::new(http_client())),
+            transport: Arc::new(http_transport()),
             settings: RuntimeSettings {
                 environment: options.environment,
                 request_timeout: options.request_timeout,

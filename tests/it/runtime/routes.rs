@@ -5,8 +5,8 @@
 use serde_json::{Value as Json, json};
 
 use super::{
-    Harness, Stub, assert_envelope, is_valid_traceparent, json_response, only_span, spans,
-    turn_request,
+    Harness, HarnessOptions, Stub, assert_envelope, is_valid_traceparent, json_response, only_span,
+    spans, turn_request,
 };
 
 #[tokio::test]
@@ -134,6 +134,39 @@ async fn order_passes_the_payment_and_delivery_the_client_chose() {
     let traceparent = request.header("traceparent").unwrap();
     assert!(is_valid_traceparent(traceparent), "{traceparent}");
     assert_eq!(traceparent.split('-').nth(1), Some(trace_id));
+}
+
+#[tokio::test]
+async fn credentials_in_a_service_url_are_sent_as_basic_authorization() {
+    let order = Stub::json(200, json!({"order_id": "ORD-1", "status": "confirmed"})).await;
+    let url = order
+        .url()
+        .replacen("http://", "http://orders%40shop:s%3Acret@", 1);
+    let harness = Harness::new(HarnessOptions {
+        variables: vec![("ORDER_SERVICE_URL", url)],
+        ..HarnessOptions::default()
+    });
+    harness
+        .turn(json!({
+            "text": "checkout",
+            "user_id": "u-1",
+            "order_items": [{"id": "st-02", "quantity": 1}],
+        }))
+        .await;
+    let request = order.only_request();
+    // base64("orders@shop:s:cret"): the user and password percent-decoded.
+    assert_eq!(
+        request.header("authorization"),
+        Some("Basic b3JkZXJzQHNob3A6czpjcmV0")
+    );
+    assert_eq!(request.header("accept"), Some("application/json"));
+    assert!(
+        request
+            .header("user-agent")
+            .is_some_and(|agent| agent.starts_with("mcp-orchestrator/")),
+        "{:?}",
+        request.header("user-agent")
+    );
 }
 
 #[tokio::test]
