@@ -1,0 +1,90 @@
+# Shared by bench/run and bench/profile: sourced, not run.
+#
+# Expects $root (the repository) and $work (a temp dir the caller removes);
+# sets $upstream_port and $hop_port, and defines the helpers below.
+
+need() { command -v "$1" >/dev/null 2>&1; }
+
+# Installs Debian packages that are missing (by the command they provide).
+apt_install() { # command:package ...
+  local missing=()
+  for pair in "$@"; do need "${pair%%:*}" || missing+=("${pair#*:}"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing ${missing[*]}..." >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Starts one nginx (one worker) on 127.0.0.1: an upstream answering every
+# path with the shipped menu mock (~1 KB of JSON), and a proxy_pass hop in
+# front of it with upstream keep-alive. Stopped by stop_nginx.
+start_nginx() {
+  upstream_port=$(free_port); hop_port=$(free_port)
+  local menu_json
+  menu_json=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))).replace("\\", "\\\\").replace("'"'"'", "\\'"'"'"))' "$root/mocks/menu.json")
+  mkdir -p "$work/tmp"
+  cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/tmp/body;
+  proxy_temp_path $work/tmp/proxy;
+  fastcgi_temp_path $work/tmp/fastcgi;
+  uwsgi_temp_path $work/tmp/uwsgi;
+  scgi_temp_path $work/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream menu_upstream { server 127.0.0.1:$upstream_port; keepalive 64; }
+  server {
+    listen 127.0.0.1:$upstream_port;
+    location / { default_type application/json; return 200 '$menu_json'; }
+  }
+  server {
+    listen 127.0.0.1:$hop_port;
+    location / {
+      proxy_pass http://menu_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+  nginx -c "$work/nginx.conf"
+}
+
+stop_nginx() {
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+}
+
+# The environment of `serve` in production mode with every service on the
+# nginx upstream; use as: env $(service_environment) PORT=... cmd
+service_environment() {
+  local upstream="http://127.0.0.1:$upstream_port"
+  echo MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json MCP_PROJECT_DIR="$root" \
+    MENU_SERVICE_URL="$upstream/menu" ORDER_SERVICE_URL="$upstream/order" \
+    RECOMMEND_SERVICE_URL="$upstream/recommend" TRACKING_SERVICE_URL="$upstream/tracking" \
+    PROFILE_SERVICE_URL="$upstream/profile"
+}
+
+# Waits (10 s at most) until /health answers on $1; prints the ms it took.
+wait_ready() { # port
+  local started; started=$(date +%s%N)
+  for _ in $(seq 1000); do
+    curl -sf "http://127.0.0.1:$1/health" >/dev/null && break
+    sleep 0.01
+  done
+  echo $(( ($(date +%s%N) - started) / 1000000 ))
+}
+
+# wrk scripts POSTing the menu request and the fallback request.
+write_wrk_scripts() {
+  local body_menu='{"text":"Can you read me the menu?","user_id":"bench"}'
+  local body_fallback='{"text":"this is nice","user_id":"bench"}'
+  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' "'$body_menu'" > "$work/menu.lua"
+  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' "'$body_fallback'" > "$work/fallback.lua"
+}
