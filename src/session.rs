@@ -1,10 +1,12 @@
-//! Session state behind the `SessionStore` trait; an in-memory store.
+//! Session state behind the `SessionStore` trait; an in-memory store here,
+//! a Redis store in `redis_store`.
 //!
 //! A turn reads a snapshot of its session at the start and, at the end,
 //! applies its changes as one atomic update (turn count + 1, last route,
 //! variables it set merged in). Two concurrent turns of one session therefore
 //! never lose each other's update: neither writes back a stale copy. The
-//! memory store does the update under the session's mutex.
+//! memory store does the update under the session's mutex; the Redis store
+//! in one Lua script, which Redis runs alone.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,13 +14,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub mod redis_store;
+
+pub use redis_store::{RedisSessionConfig, RedisSessionStore};
+
 /// What a session remembers between turns.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// Completed turns.
     pub turns: u64,
     /// Updates applied to the session, one per turn: a reader can tell
-    /// which update a copy reflects.
+    /// which update a copy reflects (the Redis store keeps it as a field of
+    /// the session's hash).
     pub version: u64,
     /// Unix time of the last turn, in milliseconds.
     pub last_active_ms: u64,
@@ -114,8 +121,8 @@ pub struct SessionStoreHealth {
     /// `session_store_unavailable` while the store is unavailable, so
     /// `/health` names the condition with the code logs and metrics use.
     pub code: Option<&'static str>,
-    /// Where the sessions are, for the operator, credentials left out;
-    /// `None` for memory.
+    /// Where the sessions are (`redis://host:port/db`, credentials left
+    /// out), for the operator; `None` for memory.
     pub address: Option<String>,
     /// The last failure, kept after the store recovers so the last outage
     /// stays visible.
@@ -146,7 +153,7 @@ pub trait SessionStore: Send + Sync {
     }
 
     /// The number of sessions held, when the store can tell without IO;
-    /// `None` otherwise, so nobody reads an estimate as a count.
+    /// `None` otherwise (Redis), so nobody reads an estimate as a count.
     fn session_count(&self) -> Option<u64> {
         Some(self.len())
     }
