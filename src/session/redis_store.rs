@@ -61,6 +61,10 @@ pub const RECONNECT_RETRIES: usize = 2;
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
+/// Longest a `/health` ping waits, whatever the operation timeout: a
+/// readiness probe gives up after a second or two.
+pub const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Least time between two replacements of the connection manager after a
 /// failure it does not recover from by itself.
 pub const REPLACE_CONNECTION_INTERVAL: Duration = Duration::from_secs(1);
@@ -408,14 +412,16 @@ impl SessionStore for RedisSessionStore {
         None
     }
 
-    /// Pings Redis (within the operation timeout), so `/health` tells the
-    /// state of now even when no turn has run for a while, and a Redis that
-    /// came back is noticed without a turn.
+    /// Pings Redis (within the operation timeout, at most
+    /// `HEALTH_PING_TIMEOUT`), so `/health` tells the state of now even when
+    /// no turn has run for a while, and a Redis that came back is noticed
+    /// without a turn.
     fn health(&self) -> BoxFuture<'_, SessionStoreHealth> {
         Box::pin(async move {
             let mut connection = self.connection();
+            let timeout = self.operation_timeout.min(HEALTH_PING_TIMEOUT);
             let answered = self
-                .bounded("ping", async {
+                .bounded_by(timeout, "ping", async {
                     redis::cmd("PING")
                         .query_async::<String>(&mut connection)
                         .await
