@@ -24,8 +24,9 @@ use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::http::Request;
 use mcp_orchestrator::intent::RuleClassifier;
+use mcp_orchestrator::project::Service;
 use mcp_orchestrator::server::{self, AppState, Environment, RuntimeSettings};
-use mcp_orchestrator::services::HttpTransport;
+use mcp_orchestrator::services::{OutgoingRequest, RawResponse, Transport, TransportError};
 use mcp_orchestrator::session::{RedisSessionConfig, RedisSessionStore, SessionStore};
 use mcp_orchestrator::telemetry::loki::{self, LokiConfig, LokiHandle, LokiLimits};
 use mcp_orchestrator::telemetry::{self, JsonLineLayer};
@@ -312,13 +313,31 @@ pub fn replica(
         deployment: ArcSwap::from_pointee(deployment),
         classifier: Arc::new(RuleClassifier),
         sessions,
-        transport: Arc::new(HttpTransport::new(http_client())),
+        transport: Arc::new(NoServices),
         settings: RuntimeSettings {
             environment: Environment::Development,
             request_timeout,
         },
         reload: Mutex::new(Default::default()),
     })
+}
+
+/// The transport of `session_project`, which calls no service.
+struct NoServices;
+
+impl Transport for NoServices {
+    fn send<'a>(
+        &'a self,
+        service: &'a Service,
+        _: OutgoingRequest<'a>,
+    ) -> futures_util::future::BoxFuture<'a, Result<RawResponse, TransportError>> {
+        let name = service.name.clone();
+        Box::pin(async move {
+            Err(TransportError::Connect(format!(
+                "the session test project calls no service, not `{name}`"
+            )))
+        })
+    }
 }
 
 /// `POST /orchestrate` through the router of `state`.
