@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::intent::Classifier;
 use crate::project::{Action, Call, CompiledProject, Flow, Service, Step, StepSource};
 use crate::services::{self, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport};
-use crate::session::{SessionStore, TurnUpdate};
+use crate::session::{Session, SessionError, SessionStore, TurnUpdate};
 use crate::telemetry;
 use crate::template::{ValueTemplate, json_document};
 
@@ -66,8 +66,9 @@ pub struct TurnOutcome {
     /// The flow that ran.
     pub flow: String,
     /// Set when the session store could not be used; the turn went on
-    /// without it.
-    pub session_error: Option<String>,
+    /// without it (an empty session when the load failed; its changes lost
+    /// when the apply failed).
+    pub session_error: Option<SessionError>,
     /// Every step reached, by `Step::index`, in order.
     pub visited: Vec<u32>,
 }
@@ -147,12 +148,17 @@ pub async fn run_turn(
     );
 
     let mut session_error = None;
-    let session = match deps.sessions.load(&request.session_id).await {
+    // The store bounds its own time; the deadline bounds it too, so no
+    // store can hold a turn past it.
+    let loaded = tokio::time::timeout_at(deps.deadline, deps.sessions.load(&request.session_id))
+        .await
+        .unwrap_or_else(|_| Err(deadline_passed("load")));
+    let session = match loaded {
         Ok(session) => session,
         Err(error) => {
-            tracing::warn!(event_type = "session_error", error = %error, "Session could not be read");
-            session_error = Some(error.to_string());
-            crate::session::Session::default()
+            report_session_error("load", &error);
+            session_error = Some(error);
+            Session::default()
         }
     };
 
@@ -215,9 +221,15 @@ pub async fn run_turn(
         route: reply.route.clone(),
         variables: std::mem::take(&mut run.session_set),
     };
-    if let Err(error) = deps.sessions.apply(&request.session_id, &update).await {
-        tracing::warn!(event_type = "session_error", error = %error, "Session could not be updated");
-        session_error = Some(error.to_string());
+    let applied = tokio::time::timeout_at(
+        deps.deadline,
+        deps.sessions.apply(&request.session_id, &update),
+    )
+    .await
+    .unwrap_or_else(|_| Err(deadline_passed("apply")));
+    if let Err(error) = applied {
+        report_session_error("apply", &error);
+        session_error = Some(error);
     }
     Ok(TurnOutcome {
         decision: reply.decision,
@@ -232,6 +244,28 @@ pub async fn run_turn(
         session_error,
         visited: run.visited,
     })
+}
+
+/// The error of a session operation cut short by the request's deadline.
+fn deadline_passed(operation: &str) -> SessionError {
+    SessionError::Unavailable(format!("{operation}: the request's deadline passed"))
+}
+
+/// Logs a session store failure (`session_error`, with its code) and counts
+/// it by operation (`load` or `apply`).
+fn report_session_error(operation: &'static str, error: &SessionError) {
+    tracing::warn!(
+        event_type = "session_error",
+        code = error.code(),
+        operation,
+        error = %error,
+        "The session store failed; the turn goes on without it"
+    );
+    metrics::counter!(
+        telemetry::prometheus::SESSION_STORE_ERRORS_TOTAL,
+        "operation" => operation,
+    )
+    .increment(1);
 }
 
 /// W3C trace context for outgoing calls: the trace id when it is 32 hex

@@ -131,6 +131,13 @@ pub fn load_project(dir: &Path, environment: &Environment) -> LoadedProject {
 fn collect_yaml_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
+        // Hidden entries are not the project's: a Kubernetes ConfigMap
+        // mounted as `flows/` keeps every file a second and third time under
+        // `..data/` and `..<timestamp>/`, and editors leave `.#name.yaml`
+        // lock links that point nowhere.
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
         let path = entry.path();
         let file_type = std::fs::metadata(&path)?.file_type();
         if file_type.is_dir() {

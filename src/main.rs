@@ -115,6 +115,13 @@ struct ServeArgs {
     /// Most sessions held in memory; the least recently used go first.
     #[arg(long, env = "SESSION_MAX", default_value_t = 100_000)]
     session_max: u64,
+    /// Prefix of the session keys in Redis (with `SESSION_STORE_URL`).
+    #[arg(long, env = "SESSION_KEY_PREFIX", default_value = mcp_orchestrator::session::redis_store::DEFAULT_KEY_PREFIX)]
+    session_key_prefix: String,
+    /// Time one Redis operation may take, connection wait included; a turn
+    /// whose session operation runs out of it goes on without its session.
+    #[arg(long, env = "SESSION_STORE_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
+    session_store_timeout: std::time::Duration,
     /// Log level or EnvFilter directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -242,6 +249,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
+    // Read here, not through clap: the URL may hold a password, and clap
+    // would print the value in `--help`.
+    let session_store_url = non_empty("SESSION_STORE_URL");
+    if args.session_store_timeout.is_zero() {
+        anyhow::bail!("SESSION_STORE_TIMEOUT must be more than zero");
+    }
     let loki_origin = loki.as_ref().map(loki::LokiConfig::origin);
     // The recorder first: the logging layers take their metric handles
     // from it.
@@ -327,13 +340,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 }
                 None => std::sync::Arc::new(mcp_orchestrator::intent::RuleClassifier),
             };
+        // After the ring provider is installed: a `rediss://` connection
+        // builds its TLS configuration from the process's provider.
+        let sessions = session_store(&args, session_store_url).await?;
         let state = std::sync::Arc::new(AppState {
             deployment: arc_swap::ArcSwap::from_pointee(deployment),
             classifier,
-            sessions: std::sync::Arc::new(mcp_orchestrator::session::MemorySessionStore::new(
-                args.session_ttl,
-                args.session_max,
-            )),
+            sessions,
             transport: std::sync::Arc::new(transport),
             settings: RuntimeSettings {
                 environment,
@@ -370,6 +383,60 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         served
     })?;
     Ok(EXIT_OK)
+}
+
+/// The session store: Redis when `SESSION_STORE_URL` is set, else memory.
+/// A Redis that does not answer yet does not stop the start-up: the
+/// replica serves turns without their session until Redis answers, and
+/// `/health` says so. Only a URL that cannot work is an error.
+async fn session_store(
+    args: &ServeArgs,
+    url: Option<String>,
+) -> anyhow::Result<std::sync::Arc<dyn mcp_orchestrator::session::SessionStore>> {
+    use mcp_orchestrator::session::{MemorySessionStore, RedisSessionConfig, RedisSessionStore};
+    let Some(url) = url else {
+        tracing::info!(
+            event_type = "startup",
+            session_store = "memory",
+            "Sessions are kept in memory"
+        );
+        return Ok(std::sync::Arc::new(MemorySessionStore::new(
+            args.session_ttl,
+            args.session_max,
+        )));
+    };
+    let store = RedisSessionStore::new(RedisSessionConfig {
+        url,
+        key_prefix: args.session_key_prefix.clone(),
+        ttl: args.session_ttl,
+        operation_timeout: args.session_store_timeout,
+    })
+    .map_err(|error| anyhow::anyhow!("SESSION_STORE_URL: {error}"))?;
+    // At most 2 s: long enough for a connection attempt to say why Redis
+    // refuses (an operation would only see its timeout), short enough not
+    // to hold the start-up.
+    let startup_wait = mcp_orchestrator::session::redis_store::CONNECT_TIMEOUT * 2;
+    match store
+        .ping(startup_wait.max(args.session_store_timeout))
+        .await
+    {
+        Ok(()) => tracing::info!(
+            event_type = "startup",
+            session_store = "redis",
+            address = store.address(),
+            key_prefix = %args.session_key_prefix,
+            "Sessions are kept in Redis"
+        ),
+        Err(error) => tracing::warn!(
+            event_type = "startup",
+            session_store = "redis",
+            address = store.address(),
+            code = error.code(),
+            error = %error,
+            "Sessions are kept in Redis, which does not answer yet; turns run without their session until it does"
+        ),
+    }
+    Ok(std::sync::Arc::new(store))
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

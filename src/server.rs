@@ -8,8 +8,9 @@
 //!
 //! Every request runs inside a `request` span (the `observe` middleware);
 //! `/orchestrate` records the turn's `trace_id`, `session_id`, `user_id` and
-//! `channel` on it, so every event of the turn carries them. The middleware
-//! also counts and times every answer.
+//! `channel` on it, so every event of the turn carries them, and
+//! `session_error` (the code) when the session store failed the turn. The
+//! middleware also counts and times every answer.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,7 +31,7 @@ use crate::engine::{self, TurnDeps, TurnRequest};
 use crate::intent::Classifier;
 use crate::project::CompiledProject;
 use crate::services::{ServiceMode, ServiceSpan, Transport};
-use crate::session::SessionStore;
+use crate::session::{SessionStore, SessionStoreStatus};
 use crate::telemetry::{self, prometheus};
 
 /// Largest request body accepted.
@@ -205,6 +206,7 @@ async fn observe(request: Request, next: Next) -> Response {
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
         channel = tracing::field::Empty,
+        session_error = tracing::field::Empty,
     );
     let response = next.run(request).instrument(span).await;
     let status = response.status().as_u16().to_string();
@@ -473,6 +475,11 @@ async fn orchestrate(
             });
         }
     };
+    if let Some(error) = &outcome.session_error {
+        // On the request span, so the turn's lines after it (the `output`
+        // line among them) say the turn ran without its session.
+        span.record("session_error", error.code());
+    }
     tracing::info!(
         event_type = "output",
         io = "out",
@@ -650,8 +657,17 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         .lock()
         .map(|status| status.clone())
         .unwrap_or_default();
+    // Bounded by the store's operation timeout: `/health` never hangs on
+    // the store.
+    let session_store = state.sessions.health().await;
+    // Degraded, not failed: turns are still answered (without their
+    // session), so a readiness probe keeps the replica in service.
+    let status = match session_store.status {
+        SessionStoreStatus::Ok => "ok",
+        SessionStoreStatus::Unavailable => "degraded",
+    };
     let body = json!({
-        "status": "ok",
+        "status": status,
         "version": env!("CARGO_PKG_VERSION"),
         "environment": state.settings.environment.as_str(),
         "project": {
@@ -664,7 +680,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
         "services": services,
         "mocked_services": mocked,
-        "sessions": state.sessions.len(),
+        "sessions": state.sessions.session_count(),
+        "session_store": session_store,
         "reload": {
             "generation": deployment.generation,
             "content_hash": project.content_hash,
@@ -678,7 +695,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: every metric in Prometheus text format.
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    metrics::gauge!(prometheus::SESSIONS).set(state.sessions.len() as f64);
+    if let Some(count) = state.sessions.session_count() {
+        metrics::gauge!(prometheus::SESSIONS).set(count as f64);
+    }
     (
         [(
             header::CONTENT_TYPE,

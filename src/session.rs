@@ -1,9 +1,12 @@
-//! Session state behind the `SessionStore` trait; an in-memory store.
+//! Session state behind the `SessionStore` trait; an in-memory store here,
+//! a Redis store in `redis_store`.
 //!
 //! A turn reads a snapshot of its session at the start and, at the end,
 //! applies its changes as one atomic update (turn count + 1, last route,
 //! variables it set merged in). Two concurrent turns of one session therefore
-//! never lose each other's update: neither writes back a stale copy.
+//! never lose each other's update: neither writes back a stale copy. The
+//! memory store does the update under the session's mutex; the Redis store
+//! in one Lua script, which Redis runs alone.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,13 +14,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub mod redis_store;
+
+pub use redis_store::{RedisSessionConfig, RedisSessionStore};
+
 /// What a session remembers between turns.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// Completed turns.
     pub turns: u64,
+    /// Updates applied to the session, one per turn: a reader can tell
+    /// which update a copy reflects (the Redis store keeps it as a field of
+    /// the session's hash).
+    pub version: u64,
     /// Unix time of the last turn, in milliseconds.
     pub last_active_ms: u64,
+    /// The route of the last turn's reply.
     pub last_route: Option<String>,
     /// Variables set by flows (`set:`), read by later turns as `session.*`.
     pub variables: serde_json::Map<String, serde_json::Value>,
@@ -26,7 +38,9 @@ pub struct Session {
 /// The changes one turn makes to its session.
 #[derive(Debug, Clone, Default)]
 pub struct TurnUpdate {
+    /// The route of the turn's reply.
     pub route: String,
+    /// The variables the turn set; merged into the session's, name by name.
     pub variables: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -34,7 +48,9 @@ impl Session {
     /// Applies one turn's changes.
     pub fn apply(&mut self, update: &TurnUpdate, now_ms: u64) {
         self.turns += 1;
-        self.last_active_ms = now_ms;
+        self.version += 1;
+        // Never back in time: replicas' clocks may differ a little.
+        self.last_active_ms = self.last_active_ms.max(now_ms);
         self.last_route = Some(update.route.clone());
         for (name, value) in &update.variables {
             self.variables.insert(name.clone(), value.clone());
@@ -42,10 +58,25 @@ impl Session {
     }
 }
 
+/// The stable code of `SessionError::Unavailable`, the same in logs, metrics
+/// and `/health`.
+pub const SESSION_STORE_UNAVAILABLE: &str = "session_store_unavailable";
+
+/// Why the store could not serve a turn; the turn goes on without it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionError {
-    /// The store could not be reached in time.
+    /// The store could not be reached in time, or refused the operation.
+    /// The text says which operation and why; it never holds a credential.
     Unavailable(String),
+}
+
+impl SessionError {
+    /// The stable code (`session_store_unavailable`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionError::Unavailable(_) => SESSION_STORE_UNAVAILABLE,
+        }
+    }
 }
 
 impl std::fmt::Display for SessionError {
@@ -54,6 +85,50 @@ impl std::fmt::Display for SessionError {
             SessionError::Unavailable(reason) => write!(f, "session store unavailable: {reason}"),
         }
     }
+}
+
+impl Serialize for SessionError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut error = serializer.serialize_struct("SessionError", 2)?;
+        error.serialize_field("code", self.code())?;
+        error.serialize_field("message", &self.to_string())?;
+        error.end()
+    }
+}
+
+/// Which store holds the sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStoreKind {
+    Memory,
+    Redis,
+}
+
+/// Whether the store answered its last operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStoreStatus {
+    Ok,
+    Unavailable,
+}
+
+/// What `/health` shows about the session store. Never holds a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionStoreHealth {
+    pub kind: SessionStoreKind,
+    pub status: SessionStoreStatus,
+    /// `session_store_unavailable` while the store is unavailable, so
+    /// `/health` names the condition with the code logs and metrics use.
+    pub code: Option<&'static str>,
+    /// Where the sessions are (`redis://host:port/db`, credentials left
+    /// out), for the operator; `None` for memory.
+    pub address: Option<String>,
+    /// The last failure, kept after the store recovers so the last outage
+    /// stays visible.
+    pub last_error: Option<String>,
+    /// When the last failure happened, RFC 3339.
+    pub last_error_at: Option<String>,
 }
 
 /// Where sessions live. Implementations bound their own time: no call may
@@ -70,11 +145,23 @@ pub trait SessionStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Session, SessionError>>;
 
     /// Sessions currently held (an estimate for stores that cannot count).
+    /// Synchronous and without IO: `/health` and `/metrics` call it.
     fn len(&self) -> u64;
 
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The number of sessions held, when the store can tell without IO;
+    /// `None` otherwise (Redis), so nobody reads an estimate as a count.
+    fn session_count(&self) -> Option<u64> {
+        Some(self.len())
+    }
+
+    /// The store's state for `/health`. Bounded in time like every other
+    /// operation: a store that needs the network to answer waits at most
+    /// its operation timeout.
+    fn health(&self) -> BoxFuture<'_, SessionStoreHealth>;
 }
 
 pub fn now_ms() -> u64 {
@@ -88,6 +175,8 @@ pub fn now_ms() -> u64 {
 /// Sessions in memory: bounded in count, each forgotten `ttl` after its
 /// last turn.
 pub struct MemorySessionStore {
+    /// Bounded in entries, with time-to-idle; each session behind its own
+    /// mutex, held only for the synchronous update.
     sessions: moka::sync::Cache<String, Arc<Mutex<Session>>>,
 }
 
@@ -137,6 +226,19 @@ impl SessionStore for MemorySessionStore {
     fn len(&self) -> u64 {
         self.sessions.run_pending_tasks();
         self.sessions.entry_count()
+    }
+
+    fn health(&self) -> BoxFuture<'_, SessionStoreHealth> {
+        Box::pin(async {
+            SessionStoreHealth {
+                kind: SessionStoreKind::Memory,
+                status: SessionStoreStatus::Ok,
+                code: None,
+                address: None,
+                last_error: None,
+                last_error_at: None,
+            }
+        })
     }
 }
 

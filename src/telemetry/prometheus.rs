@@ -38,8 +38,12 @@ pub const LOKI_LINES_DROPPED_TOTAL: &str = "mcp_loki_lines_dropped_total";
 pub const LOKI_BUFFER_LINES: &str = "mcp_loki_buffer_lines";
 /// Pushes to Loki, by `outcome` (`success`, `error`).
 pub const LOKI_PUSHES_TOTAL: &str = "mcp_loki_pushes_total";
-/// Sessions held by the session store.
+/// Sessions held by the session store (the memory store only: Redis does
+/// not count without a scan).
 pub const SESSIONS: &str = "mcp_sessions";
+/// Session store operations of a turn that failed (the turn went on
+/// without its session), by `operation` (`load`, `apply`).
+pub const SESSION_STORE_ERRORS_TOTAL: &str = "mcp_session_store_errors_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "mcp_build_info";
 
@@ -60,6 +64,7 @@ pub const ALL: &[&str] = &[
     LOKI_BUFFER_LINES,
     LOKI_PUSHES_TOTAL,
     SESSIONS,
+    SESSION_STORE_ERRORS_TOTAL,
     BUILD_INFO,
 ];
 
@@ -170,6 +175,10 @@ fn describe() {
     metrics::describe_gauge!(LOKI_BUFFER_LINES, "Log lines waiting to be pushed to Loki");
     metrics::describe_counter!(LOKI_PUSHES_TOTAL, "Pushes to Loki, by outcome");
     metrics::describe_gauge!(SESSIONS, "Sessions held by the session store");
+    metrics::describe_counter!(
+        SESSION_STORE_ERRORS_TOTAL,
+        "Session store operations of a turn that failed, by operation (load, apply)"
+    );
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
 
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -191,4 +200,7 @@ fn describe() {
     }
     metrics::gauge!(LOKI_BUFFER_LINES).set(0.0);
     metrics::gauge!(SESSIONS).set(0.0);
+    for operation in ["load", "apply"] {
+        metrics::counter!(SESSION_STORE_ERRORS_TOTAL, "operation" => operation).increment(0);
+    }
 }

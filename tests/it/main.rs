@@ -10,6 +10,7 @@ mod cli;
 mod flow_tests;
 mod reload;
 mod runtime;
+mod session_stores;
 mod shipped_project;
 
 use std::collections::HashMap;

@@ -478,3 +478,59 @@ async fn reading_the_project_does_not_trigger_reloads() {
     );
     assert_eq!(health["reload"]["generation"], 2);
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_map_mounted_as_the_flows_folder_is_read_once_and_its_update_reloaded() {
+    // Kubernetes mounts a ConfigMap as a folder holding the files in
+    // `..<timestamp>/`, a link `..data -> ..<timestamp>` and one link per
+    // file, `menu.yaml -> ..data/menu.yaml`. An update writes a new
+    // timestamped folder, swaps `..data` and removes the old folder.
+    let project = shipped_project_copy();
+    let flows = project.path().join("flows");
+    let originals = project.path().join("flow-files");
+    std::fs::rename(&flows, &originals).unwrap();
+    std::fs::create_dir(&flows).unwrap();
+    let first = flows.join("..2026_11_30_10_00_00.1");
+    std::fs::create_dir(&first).unwrap();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&originals).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "yaml")
+        {
+            let name = path.file_name().unwrap().to_owned();
+            std::fs::copy(&path, first.join(&name)).unwrap();
+            names.push(name);
+        }
+    }
+    std::os::unix::fs::symlink("..2026_11_30_10_00_00.1", flows.join("..data")).unwrap();
+    for name in &names {
+        std::os::unix::fs::symlink(Path::new("..data").join(name), flows.join(name)).unwrap();
+    }
+
+    // Read once: every flow name would otherwise be a duplicate.
+    let served = serve_project(project, &[]).await;
+    assert_eq!(served.turn("show me the menu").await["route"], "menu");
+
+    let second = flows.join("..2026_11_30_10_05_00.2");
+    std::fs::create_dir(&second).unwrap();
+    for name in &names {
+        std::fs::copy(first.join(name), second.join(name)).unwrap();
+    }
+    edit(&second.join("menu.yaml"), MENU_INTRO, "ConfigMap menu:");
+    let swap = flows.join("..data_tmp");
+    std::os::unix::fs::symlink("..2026_11_30_10_05_00.2", &swap).unwrap();
+    std::fs::rename(&swap, flows.join("..data")).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    served
+        .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
+        .await;
+    assert!(
+        served.turn("show me the menu").await["reply_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConfigMap menu:")
+    );
+}
