@@ -66,6 +66,13 @@ impl Served {
         }
     }
 
+    /// Asks for the menu and asserts the reply starts with `intro`.
+    async fn assert_menu_starts_with(&self, intro: &str) {
+        let reply = self.turn("show me the menu").await;
+        let text = reply["reply_text"].as_str().unwrap_or_default();
+        assert!(text.starts_with(intro), "{reply:#}");
+    }
+
     async fn turn(&self, text: &str) -> Value {
         self.client
             .post(format!("{}/orchestrate", self.base))
@@ -150,12 +157,7 @@ const MENU_INTRO: &str = "Here's what we're serving today:";
 async fn a_valid_edit_goes_live() {
     let served = serve_project(shipped_project_copy(), &[]).await;
     assert_eq!(served.generation().await, 1);
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with(MENU_INTRO)
-    );
+    served.assert_menu_starts_with(MENU_INTRO).await;
 
     edit(
         &served.path("flows/menu.yaml"),
@@ -203,12 +205,7 @@ async fn a_broken_yaml_edit_keeps_the_last_good_project_and_a_fix_recovers() {
             h["reload"]["generation"] == 2 && h["reload"]["last_error"].is_null()
         })
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Fixed menu:")
-    );
+    served.assert_menu_starts_with("Fixed menu:").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,12 +270,7 @@ async fn an_atomic_rename_save_is_seen() {
     served
         .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Renamed menu:")
-    );
+    served.assert_menu_starts_with("Renamed menu:").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,12 +365,7 @@ async fn a_folder_replaced_whole_is_seen() {
     served
         .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Checked-out menu:")
-    );
+    served.assert_menu_starts_with("Checked-out menu:").await;
 
     // The new folder is watched too.
     edit(
@@ -389,12 +376,7 @@ async fn a_folder_replaced_whole_is_seen() {
     served
         .wait_for("generation 3", |h| h["reload"]["generation"] == 3)
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Edited again:")
-    );
+    served.assert_menu_starts_with("Edited again:").await;
 }
 
 #[cfg(unix)]
@@ -423,12 +405,7 @@ async fn a_symlinked_project_swapped_like_a_config_map_is_seen() {
     served
         .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("ConfigMap menu:")
-    );
+    served.assert_menu_starts_with("ConfigMap menu:").await;
 }
 
 /// A reload reads every project file; reads must not trigger reloads (they
@@ -527,10 +504,5 @@ async fn a_config_map_mounted_as_the_flows_folder_is_read_once_and_its_update_re
     served
         .wait_for("generation 2", |h| h["reload"]["generation"] == 2)
         .await;
-    assert!(
-        served.turn("show me the menu").await["reply_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("ConfigMap menu:")
-    );
+    served.assert_menu_starts_with("ConfigMap menu:").await;
 }
