@@ -351,7 +351,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                     )
                 }
             })?;
-        match serde_json::from_slice::<Json>(&bytes) {
+        match crate::services::parse_json(&bytes) {
             Ok(Json::Object(object)) => Ok(JsonObject(object)),
             Ok(_) => Err(ApiError::invalid(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -606,14 +606,13 @@ fn interpret(
             retryable: matches!(status, 429 | 500 | 502 | 503 | 504),
         });
     }
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|error| ServiceError {
-            status: Some(status),
-            ..ServiceError::new(
-                ServiceErrorCode::ServiceBadResponse,
-                format!("service `{}` did not answer JSON: {error}", service.name),
-            )
-        })?;
+    let mut value = parse_json(&body).map_err(|error| ServiceError {
+        status: Some(status),
+        ..ServiceError::new(
+            ServiceErrorCode::ServiceBadResponse,
+            format!("service `{}` did not answer JSON: {error}", service.name),
+        )
+    })?;
     if service.unwrap_first
         && let serde_json::Value::Array(items) = &mut value
     {
@@ -650,6 +649,20 @@ fn interpret(
         });
     }
     Ok(value)
+}
+
+/// Parses a JSON document. The bytes are checked to be UTF-8 once, as a
+/// whole, and parsed as text: parsing bytes would check every string
+/// again on its own.
+pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    let text = std::str::from_utf8(bytes).map_err(|error| {
+        format!(
+            "invalid UTF-8 at byte {} of {}",
+            error.valid_up_to(),
+            bytes.len()
+        )
+    })?;
+    serde_json::from_str(text).map_err(|error| error.to_string())
 }
 
 /// Describes a schema error without quoting the instance (which may hold

@@ -141,6 +141,21 @@ async fn non_json_answer_is_service_bad_response() {
 }
 
 #[tokio::test]
+async fn json_that_is_not_utf8_is_service_bad_response() {
+    let order = Stub::start(|_, _| async {
+        // A JSON document whose one string holds the byte 0xFF, never UTF-8.
+        let mut body = br#"{"order_id": "ORD-1", "status": "confirmed"#.to_vec();
+        body.push(0xFF);
+        body.extend_from_slice(br#""}"#);
+        ([("content-type", "application/json")], body).into_response()
+    })
+    .await;
+    let harness = order_harness(order.url());
+    let envelope = harness.turn(order_request()).await;
+    assert_order_failed(&envelope, "service_bad_response");
+}
+
+#[tokio::test]
 async fn answer_violating_the_schema_is_schema_violation() {
     // `order_id` is required by schemas/order_response.schema.json.
     let order = Stub::json(200, json!({"status": UPSTREAM_SECRET})).await;
