@@ -561,7 +561,7 @@ impl<'a> Checker<'a> {
             None => (None, None),
         };
         let (prompt, answer_schema) = crate::intent::llm_instructions(intents);
-        let keywords = match crate::intent::KeywordIndex::new(intents) {
+        let keywords = match project::KeywordIndex::new(intents) {
             Ok(keywords) => Some(keywords),
             Err(message) => {
                 self.error(

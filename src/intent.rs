@@ -92,13 +92,6 @@ pub fn normalize(text: &str) -> String {
     out
 }
 
-/// The score of a keyword match: more words beat fewer, then longer text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Score {
-    words: usize,
-    characters: usize,
-}
-
 /// Confidence for a match of `words` words: one word 0.7, two 0.85, three
 /// or more 0.95. A match is evidence, never certainty.
 fn confidence_for(words: usize) -> f64 {
@@ -117,76 +110,6 @@ pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classificatio
         None => (project.classifier.fallback, 0.0),
     };
     finish(project, text, intent, confidence, Source::Rules, None)
-}
-
-/// Every intent's keywords in one automaton, so a text is scanned once
-/// whatever the number of keywords.
-#[derive(Debug, Clone)]
-pub struct KeywordIndex {
-    /// Patterns are ` keyword ` (spaces included), matched against
-    /// `normalize`d text, which puts a space around every word.
-    automaton: aho_corasick::AhoCorasick,
-    /// Per pattern: its intent and its score.
-    patterns: Vec<(IntentId, Score)>,
-}
-
-impl KeywordIndex {
-    /// Indexes the keywords of `intents` (already normalized by `check`).
-    pub fn new(intents: &[crate::project::Intent]) -> Result<KeywordIndex, String> {
-        let mut seen = std::collections::HashSet::new();
-        let mut texts = Vec::new();
-        let mut patterns = Vec::new();
-        for (index, intent) in intents.iter().enumerate() {
-            for keyword in &intent.keywords {
-                // A repeated keyword cannot win over its first occurrence.
-                if !seen.insert(keyword.as_str()) {
-                    continue;
-                }
-                texts.push(format!(" {keyword} "));
-                patterns.push((
-                    IntentId(index as u32),
-                    Score {
-                        words: keyword.split(' ').count(),
-                        characters: keyword.len(),
-                    },
-                ));
-            }
-        }
-        let automaton = aho_corasick::AhoCorasick::builder()
-            .match_kind(aho_corasick::MatchKind::Standard)
-            .build(&texts)
-            .map_err(|error| format!("the intents' keywords cannot be indexed: {error}"))?;
-        Ok(KeywordIndex {
-            automaton,
-            patterns,
-        })
-    }
-
-    /// The intent of the most specific keyword in `normalized` text (more
-    /// words, then more characters; on a tie, the one declared first) and
-    /// that keyword's word count.
-    pub fn best_match(&self, normalized: &str) -> Option<(IntentId, usize)> {
-        let mut best: Option<(Score, usize)> = None;
-        for found in self.automaton.find_overlapping_iter(normalized) {
-            let pattern = found.pattern().as_usize();
-            let Some((_, score)) = self.patterns.get(pattern) else {
-                continue;
-            };
-            let better = match best {
-                None => true,
-                Some((best_score, best_pattern)) => {
-                    *score > best_score || (*score == best_score && pattern < best_pattern)
-                }
-            };
-            if better {
-                best = Some((*score, pattern));
-            }
-        }
-        let (score, pattern) = best?;
-        self.patterns
-            .get(pattern)
-            .map(|(intent, _)| (*intent, score.words))
-    }
 }
 
 /// The classification for an intent chosen elsewhere (an LLM answer, a
@@ -436,6 +359,7 @@ pub fn llm_instructions(intents: &[crate::project::Intent]) -> (String, serde_js
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::project::KeywordIndex;
 
     #[test]
     fn normalize_keeps_words_and_apostrophes() {
