@@ -347,15 +347,9 @@ impl Object for JsonView {
                 }
                 _ => Box::new(std::iter::empty()),
             }),
-            serde_json::Value::Array(items) => {
-                let length = items.len();
-                self.mapped_enumerator(move |this| {
-                    Box::new(
-                        (0..length)
-                            .filter_map(|index| this.child(|node| node.as_array()?.get(index))),
-                    )
-                })
-            }
+            // By index through `get_value`: a sequence of known length, so
+            // `loop.length`, `loop.last` and `|last` work as on any list.
+            serde_json::Value::Array(items) => Enumerator::Seq(items.len()),
             _ => Enumerator::Empty,
         }
     }
@@ -465,6 +459,21 @@ mod tests {
                 "{% if doc.a.empty %}x{% else %}empty{% endif %} {{ doc.missing is undefined }}"
             ),
             "empty True"
+        );
+        // Loops over lists know their length.
+        assert_eq!(
+            render(
+                "{% for x in doc.z %}{{ loop.index }}/{{ loop.length }}{% if loop.last %}!{% endif %} {% endfor %}"
+            ),
+            "1/7 2/7 3/7 4/7 5/7 6/7 7/7! "
+        );
+        assert_eq!(
+            render("{{ doc.z | last }} {{ doc.z | reverse | first }} {{ doc.a.list | length }}"),
+            "text text 0"
+        );
+        assert_eq!(
+            render("{% for key in doc %}{{ loop.length }}{% endfor %}"),
+            "333"
         );
         // Keys in the document's order, not sorted.
         assert_eq!(
