@@ -93,6 +93,9 @@ pub enum TransportError {
     Io(String),
     /// The answer was larger than `MAX_RESPONSE_BYTES`.
     TooLarge,
+    /// The request cannot be sent as configured (a header value that is
+    /// not a valid HTTP header value, say); another attempt cannot help.
+    InvalidRequest(String),
 }
 
 /// One outgoing request, as the transport sees it.
@@ -128,9 +131,51 @@ pub trait Transport: Send + Sync {
 /// The pooled HTTP/1.1 client of service calls: hyper-util's client over
 /// rustls (HTTPS) or plain TCP (HTTP).
 type ServiceClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ConnectTimeout<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    >,
     http_body_util::Full<Bytes>,
 >;
+
+/// A connector whose connections must be ready (DNS, TCP and, for HTTPS,
+/// TLS) within `CONNECT_TIMEOUT`; a late one fails as `TimedOut`.
+#[derive(Clone)]
+struct ConnectTimeout<C> {
+    inner: C,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower_service::Service<http::Uri> for ConnectTimeout<C>
+where
+    C: tower_service::Service<http::Uri> + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<C::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(context).map_err(Into::into)
+    }
+
+    fn call(&mut self, destination: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(destination);
+        Box::pin(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection within the connect timeout",
+                )) as BoxError),
+            }
+        })
+    }
+}
 
 /// Service calls over HTTP: one pooled client for every service
 /// (keep-alive, at most `MAX_IDLE_PER_HOST` idle connections per host, a
@@ -151,7 +196,7 @@ impl std::fmt::Debug for HttpTransport {
     }
 }
 
-/// Time to open a TCP connection to a service.
+/// Time to connect to a service: name resolution, TCP and TLS.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an idle pooled connection is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -176,12 +221,13 @@ impl HttpTransport {
         let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
+        let connector = ConnectTimeout {
+            inner: hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(tcp),
+        };
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_timer(hyper_util::rt::TokioTimer::new())
@@ -257,16 +303,12 @@ fn target(url: &url::Url) -> Result<(http::Uri, Option<http::HeaderValue>), Stri
     if url.username().is_empty() && url.password().is_none() {
         return Ok((http::Uri::try_from(url.as_str()).map_err(invalid)?, None));
     }
-    let decode = |text: &str| {
-        percent_encoding::percent_decode_str(text)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let credentials = format!(
-        "{}:{}",
-        decode(url.username()),
-        url.password().map(decode).unwrap_or_default()
-    );
+    // The decoded bytes as they are, UTF-8 or not.
+    let mut credentials: Vec<u8> = percent_encoding::percent_decode_str(url.username()).collect();
+    credentials.push(b':');
+    credentials.extend(percent_encoding::percent_decode_str(
+        url.password().unwrap_or_default(),
+    ));
     let mut value = http::HeaderValue::try_from(format!(
         "Basic {}",
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials)
@@ -290,7 +332,7 @@ impl Transport for HttpTransport {
         request: OutgoingRequest<'a>,
     ) -> BoxFuture<'a, Result<RawResponse, TransportError>> {
         Box::pin(async move {
-            let http_request = http_request(&request).map_err(TransportError::Io)?;
+            let http_request = http_request(&request).map_err(TransportError::InvalidRequest)?;
             let exchange = async {
                 let response = self
                     .client
@@ -577,6 +619,13 @@ fn transport_error(
             status: None,
             retryable: true,
         },
+        TransportError::InvalidRequest(reason) => ServiceError::new(
+            ServiceErrorCode::ServiceUnavailable,
+            format!(
+                "the call to service `{}` cannot be made: {reason}",
+                service.name
+            ),
+        ),
         TransportError::TooLarge => ServiceError::new(
             ServiceErrorCode::ServiceBadResponse,
             format!(

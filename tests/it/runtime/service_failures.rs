@@ -81,6 +81,34 @@ async fn timeout_of_the_service_is_service_timeout() {
 }
 
 #[tokio::test]
+async fn a_tls_handshake_that_never_ends_is_cut_at_the_connect_timeout() {
+    // Accepts connections and never answers: the TLS handshake stalls.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    // The service allows far longer than the connect timeout.
+    let project = project_copy_with("services.yaml", |text| {
+        text.replace("timeout: 5s", "timeout: 60s")
+    });
+    let harness = Harness::new(HarnessOptions {
+        dir: Some(project.path()),
+        variables: vec![("ORDER_SERVICE_URL", format!("https://{address}/orders"))],
+        ..HarnessOptions::default()
+    });
+    // Well under the service's timeout and the request's deadline (30 s).
+    let envelope = tokio::time::timeout(Duration::from_secs(20), harness.turn(order_request()))
+        .await
+        .expect("the connection is given up at the connect timeout, not the service's");
+    assert_order_failed(&envelope, "service_timeout");
+    holder.abort();
+}
+
+#[tokio::test]
 async fn a_redirect_is_service_http_error_and_is_not_followed() {
     // The redirect points at a second stub: it must never be called.
     let elsewhere = Stub::json(200, json!({"order_id": "ORD-9", "status": "confirmed"})).await;
