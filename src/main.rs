@@ -305,6 +305,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_INVALID_PROJECT);
         }
     };
+    // Service calls connect directly; only the LLM and Loki clients read
+    // the proxy variables. Said once, so a deployment behind an egress
+    // proxy learns why a service cannot be reached.
+    if let Some(variable) = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .find(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+    {
+        tracing::warn!(
+            event_type = "startup",
+            variable,
+            "A proxy is configured: the LLM and Loki go through it, service calls connect directly"
+        );
+    }
     for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
         if *mode == mcp_orchestrator::services::ServiceMode::Mock {
             tracing::warn!(
