@@ -19,41 +19,47 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # Starts one nginx (one worker) on 127.0.0.1: an upstream answering every
 # path with the shipped menu mock (~1 KB of JSON), and a proxy_pass hop in
-# front of it with upstream keep-alive. Stopped by stop_nginx.
+# front of it with upstream keep-alive. Stopped by stop_nginx. The config
+# is written by Python, so nothing in the JSON is expanded by the shell.
 start_nginx() {
   upstream_port=$(free_port); hop_port=$(free_port)
-  local menu_json
-  menu_json=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))).replace("\\", "\\\\").replace("'"'"'", "\\'"'"'"))' "$root/mocks/menu.json")
   mkdir -p "$work/tmp"
-  cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
+  python3 - "$root/mocks/menu.json" "$work" "$upstream_port" "$hop_port" > "$work/nginx.conf" <<'PY'
+import json, sys
+menu, work, upstream, hop = sys.argv[1:5]
+body = json.dumps(json.load(open(menu)))
+# nginx reads `$` in a string as a variable and has no escape for it.
+if "$" in body:
+    sys.exit("the menu mock holds a `$`, which nginx's `return` cannot send")
+body = body.replace("\\", "\\\\").replace("'", "\\'")
+print(f"""worker_processes 1;
 daemon on;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
   access_log off;
-  client_body_temp_path $work/tmp/body;
-  proxy_temp_path $work/tmp/proxy;
-  fastcgi_temp_path $work/tmp/fastcgi;
-  uwsgi_temp_path $work/tmp/uwsgi;
-  scgi_temp_path $work/tmp/scgi;
+  client_body_temp_path {work}/tmp/body;
+  proxy_temp_path {work}/tmp/proxy;
+  fastcgi_temp_path {work}/tmp/fastcgi;
+  uwsgi_temp_path {work}/tmp/uwsgi;
+  scgi_temp_path {work}/tmp/scgi;
   keepalive_requests 1000000;
-  upstream menu_upstream { server 127.0.0.1:$upstream_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$upstream_port;
-    location / { default_type application/json; return 200 '$menu_json'; }
-  }
-  server {
-    listen 127.0.0.1:$hop_port;
-    location / {
+  upstream menu_upstream {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{upstream};
+    location / {{ default_type application/json; return 200 '{body}'; }}
+  }}
+  server {{
+    listen 127.0.0.1:{hop};
+    location / {{
       proxy_pass http://menu_upstream;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-    }
-  }
-}
-CONF
+    }}
+  }}
+}}""")
+PY
   nginx -c "$work/nginx.conf"
 }
 
@@ -61,24 +67,32 @@ stop_nginx() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
 }
 
-# The environment of `serve` in production mode with every service on the
-# nginx upstream; use as: env $(service_environment) PORT=... cmd
-service_environment() {
+# Sets the array service_env: the environment of `serve` in production
+# mode with every service on the nginx upstream; use as
+# env "${service_env[@]}" PORT=... cmd
+set_service_environment() {
   local upstream="http://127.0.0.1:$upstream_port"
-  echo MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json MCP_PROJECT_DIR="$root" \
-    MENU_SERVICE_URL="$upstream/menu" ORDER_SERVICE_URL="$upstream/order" \
-    RECOMMEND_SERVICE_URL="$upstream/recommend" TRACKING_SERVICE_URL="$upstream/tracking" \
-    PROFILE_SERVICE_URL="$upstream/profile"
+  service_env=(MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json "MCP_PROJECT_DIR=$root"
+    "MENU_SERVICE_URL=$upstream/menu" "ORDER_SERVICE_URL=$upstream/order"
+    "RECOMMEND_SERVICE_URL=$upstream/recommend" "TRACKING_SERVICE_URL=$upstream/tracking"
+    "PROFILE_SERVICE_URL=$upstream/profile")
 }
 
-# Waits (10 s at most) until /health answers on $1; prints the ms it took.
-wait_ready() { # port
+# Waits until /health answers on $1, polling every 10 ms `tries` times
+# (1000 unless given: 10 s); prints the ms it took, or fails showing the end
+# of the log $2.
+wait_ready() { # port log [tries]
   local started; started=$(date +%s%N)
-  for _ in $(seq 1000); do
-    curl -sf "http://127.0.0.1:$1/health" >/dev/null && break
+  for _ in $(seq "${3:-1000}"); do
+    if curl -sf "http://127.0.0.1:$1/health" >/dev/null; then
+      echo $(( ($(date +%s%N) - started) / 1000000 ))
+      return 0
+    fi
     sleep 0.01
   done
-  echo $(( ($(date +%s%N) - started) / 1000000 ))
+  echo "the service on port $1 did not become ready; its log:" >&2
+  tail -20 "$2" >&2
+  return 1
 }
 
 # wrk scripts POSTing the menu request and the fallback request.
