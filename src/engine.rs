@@ -221,12 +221,21 @@ pub async fn run_turn(
         route: reply.route.clone(),
         variables: std::mem::take(&mut run.session_set),
     };
+    // A turn whose flow used the whole deadline (a slow service) has no time
+    // left for its update: that is not the store's fault.
+    let out_of_time = Instant::now() >= deps.deadline;
     let applied = tokio::time::timeout_at(
         deps.deadline,
         deps.sessions.apply(&request.session_id, &update),
     )
     .await
-    .unwrap_or_else(|_| Err(deadline_passed("apply")));
+    .unwrap_or_else(|_| {
+        Err(if out_of_time {
+            SessionError::OutOfTime("apply: the flow used the request's whole deadline".to_owned())
+        } else {
+            deadline_passed("apply")
+        })
+    });
     if let Err(error) = applied {
         report_session_error("apply", &error);
         session_error = Some(error);
@@ -252,8 +261,19 @@ fn deadline_passed(operation: &str) -> SessionError {
 }
 
 /// Logs a session store failure (`session_error`, with its code) and counts
-/// it by operation (`load` or `apply`).
+/// it by operation (`load` or `apply`); a turn out of time is logged, not
+/// counted as the store's failure.
 fn report_session_error(operation: &'static str, error: &SessionError) {
+    if let SessionError::OutOfTime(_) = error {
+        tracing::warn!(
+            event_type = "session_error",
+            code = error.code(),
+            operation,
+            error = %error,
+            "The turn had no time left for its session"
+        );
+        return;
+    }
     tracing::warn!(
         event_type = "session_error",
         code = error.code(),

@@ -252,8 +252,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     // Read here, not through clap: the URL may hold a password, and clap
     // would print the value in `--help`.
     let session_store_url = non_empty("SESSION_STORE_URL");
-    if args.session_store_timeout.is_zero() {
-        anyhow::bail!("SESSION_STORE_TIMEOUT must be more than zero");
+    // Bounds that keep both stores sane: a TTL of 0 would forget every
+    // session at once, and Redis refuses a TTL past its range (after the
+    // script had written the turn).
+    if !(std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(10))
+        .contains(&args.session_store_timeout)
+    {
+        anyhow::bail!("SESSION_STORE_TIMEOUT must be from 10ms to 10s");
+    }
+    if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(365 * 24 * 3600))
+        .contains(&args.session_ttl)
+    {
+        anyhow::bail!("SESSION_TTL must be from 1s to 365 days");
     }
     let loki_origin = loki.as_ref().map(loki::LokiConfig::origin);
     // The recorder first: the logging layers take their metric handles

@@ -62,19 +62,27 @@ impl Session {
 /// and `/health`.
 pub const SESSION_STORE_UNAVAILABLE: &str = "session_store_unavailable";
 
+/// The stable code of `SessionError::OutOfTime`.
+pub const SESSION_OUT_OF_TIME: &str = "session_out_of_time";
+
 /// Why the store could not serve a turn; the turn goes on without it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionError {
     /// The store could not be reached in time, or refused the operation.
     /// The text says which operation and why; it never holds a credential.
     Unavailable(String),
+    /// The turn had used its whole deadline before the operation started
+    /// (a slow service, say): the operation was cut at once, whatever the
+    /// store's state, and may or may not have been applied.
+    OutOfTime(String),
 }
 
 impl SessionError {
-    /// The stable code (`session_store_unavailable`).
+    /// The stable code (`session_store_unavailable`, `session_out_of_time`).
     pub fn code(&self) -> &'static str {
         match self {
             SessionError::Unavailable(_) => SESSION_STORE_UNAVAILABLE,
+            SessionError::OutOfTime(_) => SESSION_OUT_OF_TIME,
         }
     }
 }
@@ -83,6 +91,7 @@ impl std::fmt::Display for SessionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SessionError::Unavailable(reason) => write!(f, "session store unavailable: {reason}"),
+            SessionError::OutOfTime(reason) => write!(f, "no time left for the session: {reason}"),
         }
     }
 }

@@ -48,9 +48,11 @@ use super::{
 pub const DEFAULT_KEY_PREFIX: &str = "mcp:session:";
 
 /// Time one connection attempt may take (TCP, TLS, `AUTH`, `SELECT`). Longer
-/// than an operation: an attempt goes on in the background after the
-/// operation that started it has given up, so a slow TLS handshake still
-/// completes.
+/// than an operation: the connection manager's own reconnects run in the
+/// background and may take it whole. A first connection (or one after a
+/// replacement) only moves on while an operation waits for it, so on a
+/// quiet store a handshake slower than the operation timeout takes more
+/// than one operation to complete.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Attempts after the first when the connection manager reconnects, with
@@ -68,6 +70,20 @@ pub const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Least time between two replacements of the connection manager after a
 /// failure it does not recover from by itself.
 pub const REPLACE_CONNECTION_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Operations in a row that got no answer in time, over at least
+/// `HUNG_CONNECTION_SPAN`, after which the connection is taken for hung and
+/// replaced. A connection to a Redis that vanished without closing it (a
+/// lost node, a partition) stays open and silent until the kernel gives up
+/// on it, many minutes later; the connection manager only reconnects after
+/// a connection is closed.
+pub const HUNG_CONNECTION_TIMEOUTS: u32 = 3;
+pub const HUNG_CONNECTION_SPAN: Duration = Duration::from_secs(1);
+
+/// How long a `/health` answer about Redis is reused: a probe on every
+/// replica every few seconds reaches Redis, a flood of `/health` requests
+/// does not.
+pub const HEALTH_PING_REUSE: Duration = Duration::from_secs(1);
 
 const FIELD_TURNS: &str = "turns";
 const FIELD_VERSION: &str = "version";
@@ -93,7 +109,12 @@ const VARIABLE_FIELD_PREFIX: &str = "var:";
 pub const APPLY_SCRIPT: &str = r"
 local key = KEYS[1]
 local function count(field)
-  return tonumber(redis.call('HGET', key, field)) or 0
+  local value = tonumber(redis.call('HGET', key, field))
+  -- A count that is not a whole, non-negative, finite number counts as 0.
+  if value == nil or value ~= value or value < 0 or value >= 2^53 then
+    return 0
+  end
+  return math.floor(value)
 end
 local turns = string.format('%d', count('turns') + 1)
 local version = string.format('%d', count('version') + 1)
@@ -193,6 +214,43 @@ pub struct RedisSessionStore {
     available: AtomicBool,
     /// The last failure, for `/health`.
     last_failure: Mutex<LastFailure>,
+    /// Operations in a row without an answer in time, and when the first of
+    /// them started: to replace a hung connection.
+    timeouts_in_a_row: Mutex<(u32, Option<Instant>)>,
+    /// The last `/health` ping and its outcome, reused for
+    /// `HEALTH_PING_REUSE`; forgotten when the store's availability changes.
+    last_health_ping: Mutex<Option<(Instant, bool)>>,
+    /// Held while a `/health` ping runs: one at a time.
+    health_ping_running: tokio::sync::Mutex<()>,
+}
+
+/// What an operation's failure says about the connection.
+enum FailureKind {
+    /// No answer in time: the connection may be hung.
+    Timeout,
+    /// The connection failed (closed, refused, `AUTH` refused, the server
+    /// became a read-only replica): the store is unavailable until a
+    /// connection works again.
+    Connection,
+    /// Redis refused this one command (a key of another type, `NOPERM`, out
+    /// of memory, a script error); the connection is fine.
+    Command,
+}
+
+fn failure_kind(error: &RedisError) -> FailureKind {
+    use redis::{ErrorKind, ServerErrorKind};
+    if error.is_timeout() {
+        return FailureKind::Timeout;
+    }
+    match error.kind() {
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading,
+        ) => FailureKind::Connection,
+        ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType => {
+            FailureKind::Command
+        }
+        _ => FailureKind::Connection,
+    }
 }
 
 impl RedisSessionStore {
@@ -246,6 +304,9 @@ impl RedisSessionStore {
             password,
             available: AtomicBool::new(true),
             last_failure: Mutex::new(LastFailure::default()),
+            timeouts_in_a_row: Mutex::new((0, None)),
+            last_health_ping: Mutex::new(None),
+            health_ping_running: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -277,9 +338,12 @@ impl RedisSessionStore {
         operation: &'static str,
         work: impl std::future::Future<Output = RedisResult<T>>,
     ) -> Result<T, SessionError> {
-        let failure = match tokio::time::timeout(timeout, work).await {
+        let started = Instant::now();
+        let (kind, failure) = match tokio::time::timeout(timeout, work).await {
             Ok(Ok(value)) => {
+                *lock(&self.timeouts_in_a_row) = (0, None);
                 if !self.available.swap(true, Ordering::AcqRel) {
+                    *lock(&self.last_health_ping) = None;
                     tracing::info!(
                         event_type = "session_store",
                         address = %self.address,
@@ -288,22 +352,40 @@ impl RedisSessionStore {
                 }
                 return Ok(value);
             }
-            Ok(Err(error)) => {
-                self.replace_connection_after(&error);
-                scrub(&error.to_string(), self.password.as_deref())
-            }
-            Err(_) => format!("no answer within {}", humantime::format_duration(timeout)),
+            Ok(Err(error)) => (
+                failure_kind(&error),
+                scrub(&error.to_string(), self.password.as_deref()),
+            ),
+            Err(_) => (
+                FailureKind::Timeout,
+                format!("no answer within {}", humantime::format_duration(timeout)),
+            ),
         };
         let message = format!("{operation}: {failure}");
         {
-            let mut last = self
-                .last_failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = lock(&self.last_failure);
             last.message = Some(message.clone());
             last.at = Some(SystemTime::now());
         }
+        match kind {
+            // This command only: the connection and the store are fine.
+            FailureKind::Command => return Err(SessionError::Unavailable(message)),
+            FailureKind::Timeout => {
+                let hung = {
+                    let mut in_a_row = lock(&self.timeouts_in_a_row);
+                    let first = *in_a_row.1.get_or_insert(started);
+                    in_a_row.0 += 1;
+                    in_a_row.0 >= HUNG_CONNECTION_TIMEOUTS
+                        && first.elapsed() >= HUNG_CONNECTION_SPAN
+                };
+                if hung {
+                    self.replace_connection();
+                }
+            }
+            FailureKind::Connection => self.replace_connection(),
+        }
         if self.available.swap(false, Ordering::AcqRel) {
+            *lock(&self.last_health_ping) = None;
             tracing::warn!(
                 event_type = "session_store",
                 code = SESSION_STORE_UNAVAILABLE,
@@ -315,19 +397,14 @@ impl RedisSessionStore {
         Err(SessionError::Unavailable(message))
     }
 
-    /// The connection manager reconnects by itself after an IO error (a
-    /// dropped or refused connection, a connect timeout), but keeps any
-    /// other failure of its connection for good (a refused `AUTH`, for
-    /// one). After such a failure a new manager is started
-    /// (lazily, at most once per `REPLACE_CONNECTION_INTERVAL`).
-    fn replace_connection_after(&self, error: &RedisError) {
-        if error.is_io_error() {
-            return;
-        }
-        let mut last_replaced = self
-            .last_replaced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Starts a new connection manager in place of the live one (at most
+    /// once per `REPLACE_CONNECTION_INTERVAL`), for failures the manager
+    /// does not recover from by itself: a refused `AUTH`, a server that
+    /// turned read-only, a connection that stays open but silent. A closed
+    /// connection it reopens on its own; replacing it then costs nothing
+    /// but a new handshake.
+    fn replace_connection(&self) {
+        let mut last_replaced = lock(&self.last_replaced);
         if last_replaced.elapsed() < REPLACE_CONNECTION_INTERVAL {
             return;
         }
@@ -337,6 +414,7 @@ impl RedisSessionStore {
         ) {
             self.connection.store(Arc::new(connection));
             *last_replaced = Instant::now();
+            *lock(&self.timeouts_in_a_row) = (0, None);
         }
     }
 
@@ -418,27 +496,44 @@ impl SessionStore for RedisSessionStore {
     /// without a turn.
     fn health(&self) -> BoxFuture<'_, SessionStoreHealth> {
         Box::pin(async move {
-            let mut connection = self.connection();
-            let timeout = self.operation_timeout.min(HEALTH_PING_TIMEOUT);
-            let answered = self
-                .bounded_by(timeout, "ping", async {
-                    redis::cmd("PING")
-                        .query_async::<String>(&mut connection)
-                        .await
-                })
-                .await;
-            let last = self
-                .last_failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let reused = |store: &Self| match *lock(&store.last_health_ping) {
+                Some((at, answered)) if at.elapsed() < HEALTH_PING_REUSE => Some(answered),
+                _ => None,
+            };
+            let answered = match reused(self) {
+                Some(answered) => answered,
+                None => {
+                    // One ping at a time; a `/health` that waited for it
+                    // takes its answer.
+                    let _running = self.health_ping_running.lock().await;
+                    match reused(self) {
+                        Some(answered) => answered,
+                        None => {
+                            let mut connection = self.connection();
+                            let timeout = self.operation_timeout.min(HEALTH_PING_TIMEOUT);
+                            let answered = self
+                                .bounded_by(timeout, "ping", async {
+                                    redis::cmd("PING")
+                                        .query_async::<String>(&mut connection)
+                                        .await
+                                })
+                                .await
+                                .is_ok();
+                            *lock(&self.last_health_ping) = Some((Instant::now(), answered));
+                            answered
+                        }
+                    }
+                }
+            };
+            let last = lock(&self.last_failure);
             SessionStoreHealth {
                 kind: SessionStoreKind::Redis,
-                status: if answered.is_ok() {
+                status: if answered {
                     SessionStoreStatus::Ok
                 } else {
                     SessionStoreStatus::Unavailable
                 },
-                code: answered.is_err().then_some(SESSION_STORE_UNAVAILABLE),
+                code: (!answered).then_some(SESSION_STORE_UNAVAILABLE),
                 address: Some(self.address.clone()),
                 last_error: last.message.clone(),
                 last_error_at: last
@@ -482,6 +577,14 @@ fn session_from_fields(fields: Vec<(Vec<u8>, Vec<u8>)>, key: &str) -> Session {
         }
     }
     session
+}
+
+/// A poisoned lock only means a thread panicked while holding it; what it
+/// guards (counters, the last failure) is still a valid value.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn parse_count(value: &[u8]) -> Option<u64> {

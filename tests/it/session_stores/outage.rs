@@ -1,12 +1,16 @@
 //! Redis trouble under a running app: stopped, paused (connections open,
-//! no answer), slower than the request's deadline. Every turn is answered
+//! no answer), a connection gone silent, slower than the request's
+//! deadline. Every turn is answered
 //! in time, without its session; the log line, the request span, the
 //! metric and `/health` say `session_store_unavailable`; once Redis is back
 //! the store works again without restarting the app.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use mcp_orchestrator::session::{SessionStore, TurnUpdate};
 use mcp_orchestrator::telemetry::prometheus;
 use serde_json::Value as Json;
 use tokio::time::Instant;
@@ -217,4 +221,109 @@ async fn a_store_slower_than_the_request_deadline_is_cut_at_the_deadline() {
     // from the store's own 30 s.
     assert!(elapsed < SHORT_REQUEST * 5, "the turn took {elapsed:?}");
     redis.resume();
+}
+
+/// A TCP relay to `target` on `127.0.0.1:0`. `silence()` makes every
+/// connection open so far go quiet, as a host lost without closing its
+/// connections does: bytes in either direction are dropped, the sockets stay
+/// open. Connections made after it relay normally.
+struct SilencingRelay {
+    port: u16,
+    /// Connections numbered up to this one are silent.
+    silenced_up_to: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingRelay {
+    async fn start(target: u16) -> SilencingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silenced_up_to = Arc::new(AtomicU64::new(0));
+        let silenced = silenced_up_to.clone();
+        let accept = tokio::spawn(async move {
+            let mut number = 0;
+            while let Ok((client, _)) = listener.accept().await {
+                number += 1;
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(relay(client_read, server_write, number, silenced.clone()));
+                tokio::spawn(relay(server_read, client_write, number, silenced.clone()));
+            }
+        });
+        SilencingRelay {
+            port,
+            silenced_up_to,
+            accept,
+        }
+    }
+
+    /// Connections 1 to `up_to` (in the order they were made) go quiet
+    /// and stay open.
+    fn silence(&self, up_to: u64) {
+        self.silenced_up_to.store(up_to, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilencingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u64,
+    silenced_up_to: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    // Held open when silent: dropped only when the other side closes.
+    while let Ok(read) = from.read(&mut buffer).await {
+        if read == 0 {
+            return;
+        }
+        if number <= silenced_up_to.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_is_replaced_and_the_store_recovers() {
+    let redis = PrivateRedis::start().await;
+    let relay = SilencingRelay::start(redis.port).await;
+    let store = redis_store(
+        &format!("redis://127.0.0.1:{}", relay.port),
+        Duration::from_secs(600),
+        Duration::from_millis(200),
+    );
+    let update = TurnUpdate {
+        route: "r".to_owned(),
+        variables: serde_json::Map::new(),
+    };
+    store.apply("s-1", &update).await.unwrap();
+
+    // The store's one connection goes quiet without closing; Redis is fine.
+    relay.silence(1);
+    assert!(
+        store.load("s-1").await.is_err(),
+        "a silent connection answered"
+    );
+    // Timeouts in a row make the store take the connection for hung and
+    // open a new one, which the relay passes on.
+    wait_until("the store replaces its silent connection", || {
+        let store = store.clone();
+        let update = update.clone();
+        async move { store.apply("s-1", &update).await.is_ok() }
+    })
+    .await;
+    assert_eq!(store.load("s-1").await.unwrap().turns, 2);
+    drop(redis);
 }

@@ -299,3 +299,49 @@ fn a_url_that_cannot_work_is_refused_with_its_password_hidden() {
         assert!(message.contains("redis://"), "{message}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redis_refuses_fails_that_turn_only_not_the_store() {
+    let redis = PrivateRedis::start().await;
+    let store = store_with(&redis.url(), "p:", OPERATION_TIMEOUT);
+    store.apply("s-1", &update(json!({}))).await.unwrap();
+    let mut admin = redis.admin(&redis.url()).await;
+    // The ids of the connections other than the test's own.
+    async fn store_connections(admin: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+        let own: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(admin)
+            .await
+            .unwrap();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(admin)
+            .await
+            .unwrap();
+        list.lines()
+            .filter_map(|line| line.split(' ').find_map(|field| field.strip_prefix("id=")))
+            .filter(|id| *id != own.to_string())
+            .map(str::to_owned)
+            .collect()
+    }
+    let before = store_connections(&mut admin).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    // Something else wrote a string where a session hash would be.
+    let _: () = redis::cmd("SET")
+        .arg("p:foreign")
+        .arg("not a hash")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let error = store.load("foreign").await.unwrap_err();
+    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    // The store is still available, on the same connection: no outage.
+    let health = store.health().await;
+    assert_eq!(health.status, SessionStoreStatus::Ok, "{health:?}");
+    assert_eq!(store.load("s-1").await.unwrap().turns, 1);
+    assert_eq!(
+        store_connections(&mut admin).await,
+        before,
+        "the store reconnected"
+    );
+}
