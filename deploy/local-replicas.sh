@@ -48,8 +48,11 @@ stop() {
   echo "stopping..." >&2
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  # Also a Redis started again by hand on the port.
-  redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+  # Also a Redis started again by hand in this folder (after a stop for a
+  # try), recognised by its working directory: never another one.
+  if [ "$(redis-cli -p "$redis_port" config get dir 2>/dev/null | tail -1)" = "$work" ]; then
+    redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+  fi
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -65,6 +68,15 @@ wait_for() {
   echo "$1 did not answer within 30 s" >&2
   return 1
 }
+
+# Ports in use would make the replicas talk to, and this script stop,
+# something else.
+for port in "$redis_port" "${replica_ports[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use; choose others (REDIS_PORT, REPLICA_PORTS)" >&2
+    exit 1
+  fi
+done
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$work" --save "" \
   --appendonly no --logfile "$work/redis.log" &
