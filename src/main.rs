@@ -315,24 +315,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_INVALID_PROJECT);
         }
     };
-    // Service calls connect directly; only the LLM and Loki clients read
-    // the proxy variables. Said once, so a deployment behind an egress
-    // proxy learns why a service cannot be reached.
-    if let Some(variable) = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ]
-    .into_iter()
-    .find(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
-    {
-        tracing::warn!(
+    // Behind an HTTP proxy, service calls go through it like the LLM's and
+    // Loki's (reqwest reads the proxy variables); otherwise they connect
+    // directly, on the faster path.
+    let proxy = mcp_orchestrator::services::proxy_configured(|name| std::env::var(name).ok());
+    if let Some(variable) = proxy {
+        tracing::info!(
             event_type = "startup",
             variable,
-            "A proxy is configured: the LLM and Loki go through it, service calls connect directly"
+            "An HTTP proxy is configured: service calls, the LLM and Loki go through it"
         );
     }
     for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
@@ -352,7 +343,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     runtime.block_on(async move {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = mcp_orchestrator::services::http_client()?;
-        let transport = mcp_orchestrator::services::HttpTransport::new()?;
+        let transport = match proxy {
+            Some(_) => mcp_orchestrator::services::HttpTransport::through_proxy(http.clone()),
+            None => mcp_orchestrator::services::HttpTransport::new()?,
+        };
         let loki = telemetry.start_loki(http.clone());
         let _upkeep = prometheus::spawn_upkeep();
         let classifier: std::sync::Arc<dyn mcp_orchestrator::intent::Classifier> =

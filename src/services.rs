@@ -187,7 +187,17 @@ where
 /// the work of a whole turn.
 #[derive(Clone)]
 pub struct HttpTransport {
-    client: ServiceClient,
+    client: HttpClient,
+}
+
+/// How service calls reach the network.
+#[derive(Clone)]
+enum HttpClient {
+    /// Straight to the service.
+    Direct(ServiceClient),
+    /// Through reqwest, which goes through the HTTP proxy of the
+    /// environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`).
+    Proxied(reqwest::Client),
 }
 
 impl std::fmt::Debug for HttpTransport {
@@ -234,8 +244,35 @@ impl HttpTransport {
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
                 .build(connector);
-        Ok(HttpTransport { client })
+        Ok(HttpTransport {
+            client: HttpClient::Direct(client),
+        })
     }
+
+    /// The transport of a deployment behind an HTTP proxy: calls go through
+    /// `client` (see `http_client`), which reads the proxy environment
+    /// variables. Slower per call than `new`, for the same behaviour
+    /// otherwise (timeouts, no redirects, headers, size cap).
+    pub fn through_proxy(client: reqwest::Client) -> HttpTransport {
+        HttpTransport {
+            client: HttpClient::Proxied(client),
+        }
+    }
+}
+
+/// Whether the environment names an HTTP proxy (`HTTPS_PROXY`,
+/// `HTTP_PROXY`, `ALL_PROXY`, in either case), as reqwest reads them.
+pub fn proxy_configured(variable: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .find(|name| variable(name).is_some_and(|value| !value.trim().is_empty()))
 }
 
 /// The LLM's and Loki's HTTP client: rustls, pooled keep-alive
@@ -253,9 +290,7 @@ pub fn http_client() -> reqwest::Result<reqwest::Client> {
 }
 
 /// The request of one attempt; `Err` names what cannot be sent.
-fn http_request(
-    request: &OutgoingRequest<'_>,
-) -> Result<http::Request<http_body_util::Full<Bytes>>, String> {
+fn http_request(request: &OutgoingRequest<'_>) -> Result<http::Request<Bytes>, String> {
     let method = match request.method {
         HttpMethod::Get => http::Method::GET,
         HttpMethod::Post => http::Method::POST,
@@ -279,9 +314,7 @@ fn http_request(
     }
     // The project's headers come last, so they may override the ones above.
     let mut http_request = builder
-        .body(http_body_util::Full::new(
-            request.body.cloned().unwrap_or_default(),
-        ))
+        .body(request.body.cloned().unwrap_or_default())
         .map_err(|error| format!("the request cannot be built: {error}"))?;
     let headers = http_request.headers_mut();
     for (name, value) in request.headers {
@@ -334,39 +367,71 @@ impl Transport for HttpTransport {
         Box::pin(async move {
             let http_request = http_request(&request).map_err(TransportError::InvalidRequest)?;
             let exchange = async {
-                let response = self
-                    .client
-                    .request(http_request)
-                    .await
-                    .map_err(client_error)?;
-                let status = response.status().as_u16();
-                let mut body = response.into_body();
-                if http_body::Body::size_hint(&body)
-                    .upper()
-                    .is_some_and(|length| length > MAX_RESPONSE_BYTES as u64)
-                {
-                    return Err(TransportError::TooLarge);
-                }
-                let mut bytes = Vec::new();
-                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                    let frame = frame.map_err(|error| TransportError::Io(error_chain(&error)))?;
-                    if let Ok(chunk) = frame.into_data() {
-                        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                            return Err(TransportError::TooLarge);
-                        }
-                        bytes.extend_from_slice(&chunk);
+                match &self.client {
+                    HttpClient::Direct(client) => {
+                        let response = client
+                            .request(http_request.map(http_body_util::Full::new))
+                            .await
+                            .map_err(client_error)?;
+                        read_answer(response).await
+                    }
+                    HttpClient::Proxied(client) => {
+                        let request =
+                            reqwest::Request::try_from(http_request).map_err(|error| {
+                                TransportError::InvalidRequest(error_chain(&error.without_url()))
+                            })?;
+                        let response = client.execute(request).await.map_err(reqwest_error)?;
+                        read_answer(http::Response::from(response)).await
                     }
                 }
-                Ok(RawResponse {
-                    status,
-                    body: Bytes::from(bytes),
-                })
             };
             match tokio::time::timeout(request.timeout, exchange).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout),
             }
         })
+    }
+}
+
+/// The status and the body of an answer, at most `MAX_RESPONSE_BYTES`.
+async fn read_answer<B>(response: http::Response<B>) -> Result<RawResponse, TransportError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error,
+{
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    if http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|length| length > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(TransportError::TooLarge);
+    }
+    let mut bytes = Vec::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let frame = frame.map_err(|error| TransportError::Io(error_chain(&error)))?;
+        if let Ok(chunk) = frame.into_data() {
+            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(TransportError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+    }
+    Ok(RawResponse {
+        status,
+        body: Bytes::from(bytes),
+    })
+}
+
+/// Sorts a reqwest error like `client_error`; its text leaves the URL out.
+fn reqwest_error(error: reqwest::Error) -> TransportError {
+    let error = error.without_url();
+    if error.is_timeout() {
+        TransportError::Timeout
+    } else if error.is_connect() {
+        TransportError::Connect(error_chain(&error))
+    } else {
+        TransportError::Io(error_chain(&error))
     }
 }
 
@@ -728,5 +793,28 @@ impl KindDescription for jsonschema::ValidationError<'_> {
             .next()
             .unwrap_or("invalid");
         format!("`{name}` constraint failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proxy_configured;
+
+    #[test]
+    fn a_proxy_is_configured_by_any_non_empty_proxy_variable() {
+        let only = |set: &'static str, value: &'static str| {
+            move |name: &str| (name == set).then(|| value.to_owned())
+        };
+        assert_eq!(proxy_configured(|_| None), None);
+        assert_eq!(proxy_configured(only("NO_PROXY", "*")), None);
+        assert_eq!(proxy_configured(only("https_proxy", " ")), None);
+        assert_eq!(
+            proxy_configured(only("https_proxy", "http://proxy:3128")),
+            Some("https_proxy")
+        );
+        assert_eq!(
+            proxy_configured(only("ALL_PROXY", "socks5://proxy:1080")),
+            Some("ALL_PROXY")
+        );
     }
 }

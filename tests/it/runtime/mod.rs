@@ -87,6 +87,8 @@ pub struct HarnessOptions<'a> {
     pub environment: Environment,
     pub request_timeout: Duration,
     pub classifier: Arc<dyn Classifier>,
+    /// The service transport; `serve`'s direct one by default.
+    pub transport: Option<HttpTransport>,
 }
 
 impl Default for HarnessOptions<'_> {
@@ -97,6 +99,7 @@ impl Default for HarnessOptions<'_> {
             environment: Environment::Development,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             classifier: Arc::new(RuleClassifier),
+            transport: None,
         }
     }
 }
@@ -133,7 +136,7 @@ impl Harness {
             deployment: ArcSwap::from_pointee(deployment),
             classifier: options.classifier,
             sessions: sessions.clone(),
-            transport: Arc::new(http_transport()),
+            transport: Arc::new(options.transport.unwrap_or_else(http_transport)),
             settings: RuntimeSettings {
                 environment: options.environment,
                 request_timeout: options.request_timeout,

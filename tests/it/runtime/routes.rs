@@ -2,6 +2,7 @@
 //! mocks, and against stub services where the request a service receives
 //! or a particular answer matters.
 
+use mcp_orchestrator::services::HttpTransport;
 use serde_json::{Value as Json, json};
 
 use super::{
@@ -166,6 +167,41 @@ async fn credentials_in_a_service_url_are_sent_as_basic_authorization() {
             .is_some_and(|agent| agent.starts_with("mcp-orchestrator/")),
         "{:?}",
         request.header("user-agent")
+    );
+}
+
+#[tokio::test]
+async fn behind_a_proxy_service_calls_go_through_it() {
+    // The proxy answers every request as the order service would.
+    let proxy = Stub::json(200, json!({"order_id": "ORD-7", "status": "confirmed"})).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(proxy.url()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let harness = Harness::new(HarnessOptions {
+        // Nothing listens there: only the proxy can answer for it.
+        variables: vec![("ORDER_SERVICE_URL", "http://127.0.0.2:9/orders".to_owned())],
+        transport: Some(HttpTransport::through_proxy(client)),
+        ..HarnessOptions::default()
+    });
+    let envelope = harness
+        .turn(json!({
+            "text": "checkout",
+            "user_id": "u-1",
+            "trace_id": "trace-proxy",
+            "order_items": [{"id": "st-02", "quantity": 1}],
+        }))
+        .await;
+    assert_envelope(&envelope, "order", "order", "reply");
+    let request = proxy.only_request();
+    assert_eq!(request.header("host"), Some("127.0.0.2:9"));
+    assert_eq!(request.path, "/orders");
+    assert_eq!(request.header("x-trace-id"), Some("trace-proxy"));
+    assert_eq!(
+        request.body["items"],
+        json!([{"id": "st-02", "quantity": 1}])
     );
 }
 
