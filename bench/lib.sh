@@ -68,11 +68,13 @@ stop_nginx() {
 }
 
 # Sets the array service_env: the environment of `serve` in production
-# mode with every service on the nginx upstream; use as
+# mode with every service on the nginx upstream, and no HTTP proxy (which
+# would put service calls on the proxied path); use as
 # env "${service_env[@]}" PORT=... cmd
 set_service_environment() {
   local upstream="http://127.0.0.1:$upstream_port"
-  service_env=(MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json "MCP_PROJECT_DIR=$root"
+  service_env=(-u HTTPS_PROXY -u https_proxy -u HTTP_PROXY -u http_proxy -u ALL_PROXY -u all_proxy
+    MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json "MCP_PROJECT_DIR=$root"
     "MENU_SERVICE_URL=$upstream/menu" "ORDER_SERVICE_URL=$upstream/order"
     "RECOMMEND_SERVICE_URL=$upstream/recommend" "TRACKING_SERVICE_URL=$upstream/tracking"
     "PROFILE_SERVICE_URL=$upstream/profile")
