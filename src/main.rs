@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mcp_orchestrator::diagnostic::{self, Severity};
 
 /// mimalloc: the request path allocates many small, short-lived objects
-/// from several threads, where glibc's malloc spent about a quarter of the
-/// CPU and its per-thread arenas kept growing while log lines queued.
+/// from several threads; with glibc's malloc, allocation was about a
+/// quarter of a turn's instructions (`bench/profile`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -12,7 +12,7 @@ mod llm_classifier;
 mod observability;
 mod requests;
 mod routes;
-mod serve_binary;
+pub(crate) mod serve_binary;
 mod service_failures;
 mod shutdown;
 

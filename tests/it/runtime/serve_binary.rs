@@ -11,7 +11,7 @@ use crate::{repository_root, shipped_project_copy};
 const EXIT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// `serve` with only `PATH` and `variables` in its environment.
-fn serve_command(variables: &[(&str, &str)]) -> Command {
+pub(crate) fn serve_command(variables: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"));
     command
         .arg("serve")
@@ -148,32 +148,10 @@ async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(Some(child));
-    let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
-
     // The log says where it listens: `{"address":"0.0.0.0:<port>",...}`.
-    let (lines_sender, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if lines_sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + EXIT_DEADLINE;
+    let lines = stderr_lines(child.0.as_mut().unwrap());
     let mut logged = Vec::new();
-    let port = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(remaining)
-            .unwrap_or_else(|_| panic!("no `Listening` log line; logged: {logged:#?}"));
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        logged.push(line);
-        if event["message"] == "Listening" {
-            let address = event["address"].as_str().unwrap();
-            break address.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-        }
-    };
+    let port = listening_port(&lines, &mut logged, EXIT_DEADLINE);
     assert!(
         logged
             .iter()
@@ -214,7 +192,7 @@ async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
 }
 
 /// The child's stderr, line by line, read on a thread of its own.
-fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+pub(crate) fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
     let (lines_sender, lines) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -228,10 +206,14 @@ fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     lines
 }
 
-/// The port of the `Listening` JSON log line; every line read is kept in
-/// `logged`.
-fn listening_port(lines: &std::sync::mpsc::Receiver<String>, logged: &mut Vec<String>) -> u16 {
-    let deadline = Instant::now() + EXIT_DEADLINE;
+/// The port of the `Listening` JSON log line, read within `wait`; every
+/// line read is kept in `logged`.
+pub(crate) fn listening_port(
+    lines: &std::sync::mpsc::Receiver<String>,
+    logged: &mut Vec<String>,
+    wait: Duration,
+) -> u16 {
+    let deadline = Instant::now() + wait;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let line = lines
@@ -266,7 +248,7 @@ async fn serve_ships_logs_to_loki_and_flushes_them_on_sigterm() {
     let mut child = KillOnDrop(Some(child));
     let lines = stderr_lines(child.0.as_mut().unwrap());
     let mut logged = Vec::new();
-    let port = listening_port(&lines, &mut logged);
+    let port = listening_port(&lines, &mut logged, EXIT_DEADLINE);
 
     let client = super::http_client();
     let envelope: serde_json::Value = client

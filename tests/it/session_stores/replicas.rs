@@ -27,7 +27,7 @@ async fn two_replicas_count_all_two_hundred_concurrent_turns_of_one_session() {
     let ttl = Duration::from_secs(600);
     // Two apps, each with its own store and connection, as two processes
     // would have.
-    let servers = [
+    let start_replica = || {
         RunningServer::start(
             replica(
                 project.path(),
@@ -36,17 +36,8 @@ async fn two_replicas_count_all_two_hundred_concurrent_turns_of_one_session() {
             ),
             Duration::from_secs(5),
         )
-        .await,
-        RunningServer::start(
-            replica(
-                project.path(),
-                redis_store(&redis.url(), ttl, GENEROUS_OPERATION_TIMEOUT),
-                GENEROUS_REQUEST_TIMEOUT,
-            ),
-            Duration::from_secs(5),
-        )
-        .await,
-    ];
+    };
+    let servers = [start_replica().await, start_replica().await];
     let client = http_client();
     let started = std::time::Instant::now();
     let mut turns = JoinSet::new();

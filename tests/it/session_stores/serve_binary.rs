@@ -2,15 +2,14 @@
 //! starts while Redis is down, keeps sessions in Redis once it is up, and
 //! never prints the URL's password.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
 use super::{PrivateRedis, WAIT_DEADLINE, free_port, session_project, wait_until};
 use crate::runtime::http_client;
+use crate::runtime::serve_binary::{listening_port, serve_command, stderr_lines};
 
 const PASSWORD: &str = "binary-redis-password-never-printed";
 
@@ -24,40 +23,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn serve_command(project: &std::path::Path, variables: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"));
-    command
-        .arg("serve")
-        .arg("--project-dir")
-        .arg(project)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, value) in variables {
-        command.env(name, value);
-    }
-    command
-}
-
-/// The child's stderr, line by line, read on a thread of its own.
-fn stderr_lines(child: &mut Child) -> Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let (sender, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    lines
-}
-
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_starts_while_redis_is_down_then_keeps_sessions_there_and_never_prints_the_password()
@@ -66,35 +31,21 @@ async fn serve_starts_while_redis_is_down_then_keeps_sessions_there_and_never_pr
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{redis_port}/1");
     let project = session_project(0);
     let variables = [
+        ("MCP_PROJECT_DIR", project.path().to_str().unwrap()),
         ("SESSION_STORE_URL", url.as_str()),
         ("SESSION_KEY_PREFIX", "binary:"),
         ("SESSION_STORE_TIMEOUT", "250ms"),
     ];
 
-    let help = serve_command(project.path(), &variables)
-        .arg("--help")
-        .output()
-        .unwrap();
+    let help = serve_command(&variables).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("SESSION_STORE_TIMEOUT"), "{help}");
     assert!(!help.contains(PASSWORD), "{help}");
 
-    let mut child = KillOnDrop(serve_command(project.path(), &variables).spawn().unwrap());
+    let mut child = KillOnDrop(serve_command(&variables).spawn().unwrap());
     let lines = stderr_lines(&mut child.0);
     let mut logged = Vec::new();
-    let deadline = Instant::now() + WAIT_DEADLINE;
-    let port = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(remaining)
-            .unwrap_or_else(|_| panic!("no `Listening` line; logged: {logged:#?}"));
-        let event: Json = serde_json::from_str(&line).unwrap_or_default();
-        logged.push(line);
-        if event["message"] == "Listening" {
-            let address = event["address"].as_str().unwrap();
-            break address.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-        }
-    };
+    let port = listening_port(&lines, &mut logged, WAIT_DEADLINE);
     assert!(
         logged
             .iter()
