@@ -32,6 +32,9 @@ const APPLY_ERRORS: &str = r#"mcp_session_store_errors_total{operation="apply"}"
 /// every event of the app must happen on it.
 #[tokio::test]
 async fn redis_stopped_mid_run_every_turn_is_answered_in_time_and_reported_then_it_recovers() {
+    if super::skip_without_redis() {
+        return;
+    }
     prometheus::install();
     let captured = CapturedLines::start().await;
     let mut redis = PrivateRedis::start().await;
@@ -150,6 +153,9 @@ async fn redis_stopped_mid_run_every_turn_is_answered_in_time_and_reported_then_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_holds_no_turn_and_no_health_check() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let project = session_project(0);
     let app = replica(
@@ -201,6 +207,9 @@ async fn a_redis_that_stops_answering_holds_no_turn_and_no_health_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_slower_than_the_request_deadline_is_cut_at_the_deadline() {
+    if super::skip_without_redis() {
+        return;
+    }
     // The store would wait 30 s; the request may take 1 s.
     const PATIENT_STORE: Duration = Duration::from_secs(30);
     const SHORT_REQUEST: Duration = Duration::from_secs(1);
@@ -297,6 +306,9 @@ async fn relay(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_goes_silent_is_replaced_and_the_store_recovers() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let relay = SilencingRelay::start(redis.port).await;
     let store = redis_store(

@@ -34,6 +34,9 @@ fn store_with(url: &str, key_prefix: &str, operation_timeout: Duration) -> Redis
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_is_one_hash_under_the_prefix_and_every_turn_refreshes_its_ttl() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let store = store_with(&redis.url(), "tenant-a:sessions:", OPERATION_TIMEOUT);
     store
@@ -100,6 +103,9 @@ async fn a_session_is_one_hash_under_the_prefix_and_every_turn_refreshes_its_ttl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_that_does_not_decode_is_left_out_and_the_rest_is_read() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let store = redis_store(&redis.url(), TTL, OPERATION_TIMEOUT);
     let mut admin = redis.admin(&redis.url()).await;
@@ -136,6 +142,9 @@ async fn a_field_that_does_not_decode_is_left_out_and_the_rest_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_and_a_database_in_the_url_are_used_and_never_shown() {
+    if super::skip_without_redis() {
+        return;
+    }
     const PASSWORD: &str = "s3cret-redis-pass";
     let redis = PrivateRedis::start_with(&["--requirepass", PASSWORD]).await;
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{}/5", redis.port);
@@ -177,6 +186,9 @@ async fn a_password_and_a_database_in_the_url_are_used_and_never_shown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_password_is_reported_without_it_and_the_store_recovers_once_redis_accepts_it() {
+    if super::skip_without_redis() {
+        return;
+    }
     const RIGHT: &str = "the-right-password";
     const NEW: &str = "the-password-of-tomorrow";
     let redis = PrivateRedis::start_with(&["--requirepass", RIGHT]).await;
@@ -215,6 +227,9 @@ async fn a_refused_password_is_reported_without_it_and_the_store_recovers_once_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_made_while_redis_is_down_starts_working_when_redis_comes_up() {
+    if super::skip_without_redis() {
+        return;
+    }
     let port = free_port();
     let started = tokio::time::Instant::now();
     let store = redis_store(
@@ -302,6 +317,9 @@ fn a_url_that_cannot_work_is_refused_with_its_password_hidden() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_redis_refuses_fails_that_turn_only_not_the_store() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let store = store_with(&redis.url(), "p:", OPERATION_TIMEOUT);
     store.apply("s-1", &update(json!({}))).await.unwrap();

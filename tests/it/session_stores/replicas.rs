@@ -22,6 +22,9 @@ const GENEROUS_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_count_all_two_hundred_concurrent_turns_of_one_session() {
+    if super::skip_without_redis() {
+        return;
+    }
     let redis = PrivateRedis::start().await;
     let project = session_project(TURNS);
     let ttl = Duration::from_secs(600);
@@ -93,6 +96,9 @@ async fn two_replicas_count_all_two_hundred_concurrent_turns_of_one_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_expires_its_ttl_after_its_last_turn_on_any_replica() {
+    if super::skip_without_redis() {
+        return;
+    }
     const TTL: Duration = Duration::from_secs(1);
     let redis = PrivateRedis::start().await;
     let project = session_project(0);

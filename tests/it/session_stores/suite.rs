@@ -66,6 +66,9 @@ macro_rules! against_both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
+                    if super::super::skip_without_redis() {
+                        return;
+                    }
                     super::$case(&super::Backend::redis().await).await;
                 }
             )*
