@@ -401,36 +401,7 @@ async fn orchestrate(
     let JsonObject(body) = body?;
     let project = &deployment.project;
     let body = match &project.request_schema {
-        Some(schema) => {
-            // Validated as a JSON value, then taken apart again: no copy.
-            let instance = Json::Object(body);
-            if !schema.is_valid(&instance)
-                && let Some(error) = schema.iter_errors(&instance).next()
-            {
-                let mut pointer = error.instance_path().to_string();
-                // A missing property is reported at its object; point at the
-                // property itself.
-                if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
-                    && let Some(name) = property.as_str()
-                {
-                    pointer.push('/');
-                    pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-                }
-                return Err(ApiError::invalid(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    pointer.clone(),
-                    format!(
-                        "{} at `{}`",
-                        error,
-                        if pointer.is_empty() { "/" } else { &pointer }
-                    ),
-                ));
-            }
-            match instance {
-                Json::Object(body) => body,
-                _ => serde_json::Map::new(),
-            }
-        }
+        Some(schema) => validate_request_body(schema, body)?,
         None => body,
     };
     let request = turn_request(body, &headers)?;
@@ -514,6 +485,42 @@ async fn orchestrate(
     }
     response.extensions_mut().insert(labels);
     Ok(response)
+}
+
+/// Checks a request body against the project's request schema, and answers
+/// the first violation as 422 with the JSON pointer of the bad field.
+pub fn validate_request_body(
+    schema: &jsonschema::Validator,
+    body: serde_json::Map<String, Json>,
+) -> Result<serde_json::Map<String, Json>, ApiError> {
+    // Validated as a JSON value, then taken apart again: no copy.
+    let instance = Json::Object(body);
+    if !schema.is_valid(&instance)
+        && let Some(error) = schema.iter_errors(&instance).next()
+    {
+        let mut pointer = error.instance_path().to_string();
+        // A missing property is reported at its object; point at the
+        // property itself.
+        if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
+            && let Some(name) = property.as_str()
+        {
+            pointer.push('/');
+            pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+        }
+        return Err(ApiError::invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            pointer.clone(),
+            format!(
+                "{} at `{}`",
+                error,
+                if pointer.is_empty() { "/" } else { &pointer }
+            ),
+        ));
+    }
+    match instance {
+        Json::Object(body) => Ok(body),
+        _ => Ok(serde_json::Map::new()),
+    }
 }
 
 /// Reads the envelope fields of a request body; the rest becomes `input`.

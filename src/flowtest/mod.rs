@@ -640,7 +640,15 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                 .or_insert_with(|| Json::String(DEFAULT_USER_ID.to_owned()));
             body.entry("trace_id")
                 .or_insert_with(|| Json::String(format!("test-trace-{number}")));
-            let request = match crate::server::turn_request(body, &http::HeaderMap::new()) {
+            // The request a channel could send: the project's request schema
+            // applies, as in `serve`.
+            let checked = match &project.request_schema {
+                Some(schema) => crate::server::validate_request_body(schema, body),
+                None => Ok(body),
+            };
+            let request = match checked
+                .and_then(|body| crate::server::turn_request(body, &http::HeaderMap::new()))
+            {
                 Ok(request) => request,
                 Err(error) => {
                     result.failures.push(Failure {

@@ -191,3 +191,22 @@ fn the_test_file_schema_is_committed_and_the_shipped_tests_follow_it() {
     }
     assert!(files >= 6);
 }
+
+#[test]
+fn a_test_request_the_request_schema_refuses_fails_like_a_real_request() {
+    let project = shipped_project_copy();
+    std::fs::create_dir_all(project.path().join("flows/tests")).unwrap();
+    std::fs::write(
+        project.path().join("flows/tests/bad_request.yaml"),
+        "cases:\n  - name: a table number that is a list\n    turns:\n      - request: { text: \"I want to order\", order_items: [{ id: mn-01 }], order_table_number: [7] }\n        expect: { route: order }\n",
+    )
+    .unwrap();
+    let output = run_test_command(project.path(), &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("FAIL flows/tests/bad_request.yaml:2:5"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("/order_table_number"), "{stdout}");
+}

@@ -10,6 +10,7 @@
 mod concurrency;
 mod llm_classifier;
 mod observability;
+mod request_fields;
 mod requests;
 mod routes;
 pub(crate) mod serve_binary;
