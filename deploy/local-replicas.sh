@@ -13,13 +13,13 @@
 #     as a load balancer would.
 # Ctrl-C (or SIGTERM) stops all of them; so does any of them exiting.
 #
-# Environment: MCP_BIN (default target/release/mcp-orchestrator, built with
-# cargo when missing), MCP_PROJECT_DIR (default: this repository's example
+# Environment: MCP_BIN (default target/dist/mcp-orchestrator, the production
+# build, built with cargo when missing), MCP_PROJECT_DIR (default: this repository's example
 # project), REDIS_PORT, REPLICA_PORTS, FRONT_PORT, NGINX=no.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${MCP_BIN:-target/release/mcp-orchestrator}
+bin=${MCP_BIN:-target/dist/mcp-orchestrator}
 project=${MCP_PROJECT_DIR:-.}
 redis_port=${REDIS_PORT:-6380}
 front_port=${FRONT_PORT:-8080}
@@ -35,7 +35,7 @@ command -v curl >/dev/null || {
 }
 if [ ! -x "$bin" ]; then
   echo "building $bin..." >&2
-  cargo build --release --locked
+  cargo build --profile dist --locked
 fi
 
 work=$(mktemp -d)
