@@ -35,8 +35,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Level;
 
-use super::prometheus;
-
 /// Path of Loki's push API.
 pub const PUSH_PATH: &str = "/loki/api/v1/push";
 
@@ -322,6 +320,37 @@ struct Counts {
     failed_pushes: AtomicU64,
 }
 
+/// Log lines pushed to Loki.
+pub const LINES_SENT_TOTAL: &str = "mcp_loki_lines_sent_total";
+/// Log lines not pushed to Loki, by `reason` (`DropReason`).
+pub const LINES_DROPPED_TOTAL: &str = "mcp_loki_lines_dropped_total";
+/// Log lines waiting for Loki (buffer and batch).
+pub const BUFFER_LINES: &str = "mcp_loki_buffer_lines";
+/// Pushes to Loki, by `outcome` (`success`, `error`).
+pub const PUSHES_TOTAL: &str = "mcp_loki_pushes_total";
+
+/// Describes the Loki metrics and registers them at zero, so they show from
+/// the start, whether or not logs go to Loki. Called once, by
+/// `prometheus::install`.
+pub(super) fn describe_metrics() {
+    metrics::describe_counter!(LINES_SENT_TOTAL, "Log lines pushed to Loki");
+    metrics::describe_counter!(
+        LINES_DROPPED_TOTAL,
+        "Log lines not pushed to Loki, by reason"
+    );
+    metrics::describe_gauge!(BUFFER_LINES, "Log lines waiting to be pushed to Loki");
+    metrics::describe_counter!(PUSHES_TOTAL, "Pushes to Loki, by outcome");
+
+    metrics::counter!(LINES_SENT_TOTAL).increment(0);
+    for reason in DropReason::ALL {
+        metrics::counter!(LINES_DROPPED_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+    for outcome in ["success", "error"] {
+        metrics::counter!(PUSHES_TOTAL, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(BUFFER_LINES).set(0.0);
+}
+
 /// Handles of the metrics, taken once (recording through a handle is an
 /// atomic add, no lookup).
 struct Metrics {
@@ -335,13 +364,12 @@ struct Metrics {
 impl Metrics {
     fn new() -> Metrics {
         Metrics {
-            sent: metrics::counter!(prometheus::LOKI_LINES_SENT_TOTAL),
-            dropped: DropReason::ALL.map(|reason| {
-                metrics::counter!(prometheus::LOKI_LINES_DROPPED_TOTAL, "reason" => reason.as_str())
-            }),
-            pushes_ok: metrics::counter!(prometheus::LOKI_PUSHES_TOTAL, "outcome" => "success"),
-            pushes_error: metrics::counter!(prometheus::LOKI_PUSHES_TOTAL, "outcome" => "error"),
-            buffer: metrics::gauge!(prometheus::LOKI_BUFFER_LINES),
+            sent: metrics::counter!(LINES_SENT_TOTAL),
+            dropped: DropReason::ALL
+                .map(|reason| metrics::counter!(LINES_DROPPED_TOTAL, "reason" => reason.as_str())),
+            pushes_ok: metrics::counter!(PUSHES_TOTAL, "outcome" => "success"),
+            pushes_error: metrics::counter!(PUSHES_TOTAL, "outcome" => "error"),
+            buffer: metrics::gauge!(BUFFER_LINES),
         }
     }
 }

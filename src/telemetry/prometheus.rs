@@ -1,14 +1,18 @@
 //! Metrics in Prometheus text: the recorder behind the `metrics` facade,
-//! the names of every metric, and the upkeep that keeps histograms bounded.
+//! the names of the metrics, and the upkeep that keeps histograms bounded.
 //!
 //! The `metrics` facade has one recorder per process; this module installs
 //! it once (`install`) and renders it for `GET /metrics` (`render`). Code
-//! that records a metric uses the facade with a name from here.
+//! that records a metric uses the facade with a name from here, except the
+//! Loki shipping, which names, describes and registers its own metrics
+//! (`loki::describe_metrics`, called by `install`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use super::loki;
 
 /// Requests answered, by `endpoint`, `route`, `intent` and `status`.
 pub const REQUESTS_TOTAL: &str = "mcp_requests_total";
@@ -30,14 +34,6 @@ pub const RELOADS_TOTAL: &str = "mcp_reloads_total";
 pub const PROJECT_GENERATION: &str = "mcp_project_generation";
 /// Time of a reload.
 pub const RELOAD_DURATION_SECONDS: &str = "mcp_reload_duration_seconds";
-/// Log lines pushed to Loki.
-pub const LOKI_LINES_SENT_TOTAL: &str = "mcp_loki_lines_sent_total";
-/// Log lines not pushed to Loki, by `reason`.
-pub const LOKI_LINES_DROPPED_TOTAL: &str = "mcp_loki_lines_dropped_total";
-/// Log lines waiting for Loki (buffer and batch).
-pub const LOKI_BUFFER_LINES: &str = "mcp_loki_buffer_lines";
-/// Pushes to Loki, by `outcome` (`success`, `error`).
-pub const LOKI_PUSHES_TOTAL: &str = "mcp_loki_pushes_total";
 /// Sessions held by the session store (the memory store only: Redis does
 /// not count without a scan).
 pub const SESSIONS: &str = "mcp_sessions";
@@ -59,10 +55,10 @@ pub const ALL: &[&str] = &[
     RELOADS_TOTAL,
     PROJECT_GENERATION,
     RELOAD_DURATION_SECONDS,
-    LOKI_LINES_SENT_TOTAL,
-    LOKI_LINES_DROPPED_TOTAL,
-    LOKI_BUFFER_LINES,
-    LOKI_PUSHES_TOTAL,
+    loki::LINES_SENT_TOTAL,
+    loki::LINES_DROPPED_TOTAL,
+    loki::BUFFER_LINES,
+    loki::PUSHES_TOTAL,
     SESSIONS,
     SESSION_STORE_ERRORS_TOTAL,
     BUILD_INFO,
@@ -167,13 +163,6 @@ fn describe() {
         Unit::Seconds,
         "Time of a project reload"
     );
-    metrics::describe_counter!(LOKI_LINES_SENT_TOTAL, "Log lines pushed to Loki");
-    metrics::describe_counter!(
-        LOKI_LINES_DROPPED_TOTAL,
-        "Log lines not pushed to Loki, by reason"
-    );
-    metrics::describe_gauge!(LOKI_BUFFER_LINES, "Log lines waiting to be pushed to Loki");
-    metrics::describe_counter!(LOKI_PUSHES_TOTAL, "Pushes to Loki, by outcome");
     metrics::describe_gauge!(SESSIONS, "Sessions held by the session store");
     metrics::describe_counter!(
         SESSION_STORE_ERRORS_TOTAL,
@@ -191,14 +180,7 @@ fn describe() {
         metrics::counter!(LLM_CLASSIFICATIONS_TOTAL, "outcome" => outcome).increment(0);
     }
     let _ = metrics::histogram!(LLM_CLASSIFICATION_DURATION_SECONDS);
-    metrics::counter!(LOKI_LINES_SENT_TOTAL).increment(0);
-    for reason in super::loki::DropReason::ALL {
-        metrics::counter!(LOKI_LINES_DROPPED_TOTAL, "reason" => reason.as_str()).increment(0);
-    }
-    for outcome in ["success", "error"] {
-        metrics::counter!(LOKI_PUSHES_TOTAL, "outcome" => outcome).increment(0);
-    }
-    metrics::gauge!(LOKI_BUFFER_LINES).set(0.0);
+    loki::describe_metrics();
     metrics::gauge!(SESSIONS).set(0.0);
     for operation in ["load", "apply"] {
         metrics::counter!(SESSION_STORE_ERRORS_TOTAL, "operation" => operation).increment(0);
