@@ -14,7 +14,7 @@ use mcp_orchestrator::engine::{TurnDeps, TurnRequest, run_turn};
 use mcp_orchestrator::intent::{RuleClassifier, classify_by_rules};
 use mcp_orchestrator::project::{CompiledProject, Service};
 use mcp_orchestrator::services::{
-    OutgoingRequest, RawResponse, ServiceMode, Transport, TransportError,
+    CircuitBreakers, OutgoingRequest, RawResponse, ServiceMode, Transport, TransportError,
 };
 use mcp_orchestrator::session::MemorySessionStore;
 
@@ -85,6 +85,7 @@ fn engine_turn(bencher: divan::Bencher, text: &str) {
         tenant: None,
         input: serde_json::Map::new(),
     };
+    let breakers = CircuitBreakers::default();
     bencher.bench(|| {
         runtime.block_on(async {
             let deps = TurnDeps {
@@ -93,6 +94,7 @@ fn engine_turn(bencher: divan::Bencher, text: &str) {
                 classifier: &RuleClassifier,
                 sessions: &sessions,
                 transport: &MockTransport,
+                breakers: &breakers,
                 deadline: tokio::time::Instant::now() + Duration::from_secs(10),
             };
             run_turn(&deps, divan::black_box(&request)).await.unwrap()

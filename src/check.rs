@@ -20,6 +20,7 @@
 //! - `templates`: templates, expressions and values, and the variables they
 //!   read.
 
+mod access;
 mod flows;
 mod intents;
 mod names;
@@ -172,6 +173,8 @@ impl<'a> Checker<'a> {
         let flows = self.collect(files, "flow", |file| &file.flows);
         let classifier = self.single(files, "classifier", |file| file.classifier.as_ref());
         let defaults = self.single(files, "defaults", |file| file.defaults.as_ref());
+        let access = self.single(files, "access", |file| file.access.as_ref());
+        let limits = self.single(files, "limits", |file| file.limits.as_ref());
         for file in files {
             for name in &file.spec.redact {
                 self.redact.insert(name.value.clone());
@@ -189,10 +192,20 @@ impl<'a> Checker<'a> {
             .collect();
         let classifier = self.compile_classifier(files, classifier, &intent_ids, &compiled_intents);
 
-        let compiled_services: Vec<Option<project::Service>> = services
+        let default_breaker =
+            match defaults.and_then(|(file, d)| Some((file, d.value.circuit_breaker.as_ref()?))) {
+                Some((file, policy)) => self.circuit_breaker(file, policy),
+                None => None,
+            };
+        let mut compiled_services: Vec<Option<project::Service>> = services
             .iter()
             .map(|service| self.compile_service(service))
             .collect();
+        for service in compiled_services.iter_mut().flatten() {
+            if service.circuit_breaker.is_none() {
+                service.circuit_breaker = default_breaker;
+            }
+        }
         let service_ids: HashMap<&str, ServiceId> = services
             .iter()
             .enumerate()
@@ -209,6 +222,8 @@ impl<'a> Checker<'a> {
         let flow_for_intent = self.flow_for_intent(&intents, classifier.as_ref(), &flow_of_intent);
 
         let defaults = self.compile_defaults(defaults);
+        let access = self.compile_access(access);
+        let limits = self.compile_limits(limits);
         let request_schema = self.request_schema();
         let content_hash = load::content_hash(&self.hashed_files);
         let source_files = self.hashed_files.keys().cloned().collect();
@@ -245,6 +260,8 @@ impl<'a> Checker<'a> {
             source_files,
             steps: std::mem::take(&mut self.step_sources),
             routes: std::mem::take(&mut self.routes),
+            access: access?,
+            limits: limits?,
         })
     }
 }

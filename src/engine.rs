@@ -15,8 +15,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::intent::Classifier;
-use crate::project::{Action, Call, CompiledProject, Flow, Service, Step, StepSource};
-use crate::services::{self, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport};
+use crate::project::{Action, Call, CompiledProject, Decision, Flow, Service, Step, StepSource};
+use crate::services::{
+    self, CircuitBreakers, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport,
+};
 use crate::session::{Session, SessionError, SessionStore, TurnUpdate};
 use crate::telemetry;
 use crate::template::{ValueTemplate, json_document};
@@ -45,6 +47,8 @@ pub struct TurnDeps<'a> {
     pub classifier: &'a dyn Classifier,
     pub sessions: &'a dyn SessionStore,
     pub transport: &'a dyn Transport,
+    /// Outlives deployments: each service's failures in a row.
+    pub breakers: &'a CircuitBreakers,
     /// The turn must have its answer by then.
     pub deadline: Instant,
 }
@@ -52,8 +56,9 @@ pub struct TurnDeps<'a> {
 /// The answer of a turn.
 #[derive(Debug, Clone, Serialize)]
 pub struct TurnOutcome {
-    /// `reply`, or `error` when a failed call ended the flow.
-    pub decision: String,
+    /// `reply`, `error` when a failed call ended the flow, or what the
+    /// replying step declared.
+    pub decision: Decision,
     pub reply_text: String,
     pub route: String,
     pub intent: String,
@@ -101,7 +106,7 @@ impl std::fmt::Display for TurnError {
 struct ReplyOut {
     text: String,
     route: String,
-    decision: String,
+    decision: Decision,
     data: Option<serde_json::Value>,
 }
 
@@ -457,7 +462,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 Ok(Control::Reply(ReplyOut {
                     text: text.trim().to_owned(),
                     route: reply.route.clone(),
-                    decision: reply.decision.clone(),
+                    decision: reply.decision,
                     data,
                 }))
             }
@@ -547,6 +552,7 @@ impl<'a, 'd> Run<'a, 'd> {
         log_call(project, service, body);
         let outcome = services::call(
             self.deps.transport,
+            self.deps.breakers,
             service,
             mode,
             body,
@@ -583,6 +589,7 @@ impl<'a, 'd> Run<'a, 'd> {
         let calls = planned.iter().map(|(_, call, body)| {
             services::call(
                 self.deps.transport,
+                self.deps.breakers,
                 project.service(call.service),
                 &self.deps.modes[call.service.0 as usize],
                 body.as_ref(),
@@ -651,7 +658,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 .error_route
                 .clone()
                 .unwrap_or_else(|| self.flow.name.clone()),
-            decision: "error".to_owned(),
+            decision: Decision::Error,
             data: None,
         })
     }

@@ -5,6 +5,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of modules and their invariants.
 
+pub mod admission;
 pub mod check;
 pub mod diagnostic;
 pub mod engine;

@@ -326,6 +326,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             "An HTTP proxy is configured: service calls, the LLM and Loki go through it"
         );
     }
+    if environment == Environment::Production && deployment.project.access.keys.is_empty() {
+        tracing::warn!(
+            event_type = "startup",
+            auth = "none",
+            "No caller key is declared: anyone who can reach POST /orchestrate can run turns as any user"
+        );
+    }
     for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
         if *mode == mcp_orchestrator::services::ServiceMode::Mock {
             tracing::warn!(
@@ -377,6 +384,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 request_timeout: args.request_timeout,
             },
             reload: std::sync::Mutex::new(Default::default()),
+            admission: Default::default(),
+            breakers: Default::default(),
         });
         let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
         let _watch = reloader.watch()?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use jsonschema::Validator;
 use regex::Regex;
 
-pub use crate::spec::HttpMethod;
+pub use crate::spec::{Decision, HttpMethod};
 use crate::template::{ExpressionId, TemplateId, Templates, ValueTemplate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,6 +51,10 @@ pub struct CompiledProject {
     pub steps: Vec<StepSource>,
     /// Every route a reply can report.
     pub routes: BTreeSet<String>,
+    /// Who may call (`access:`).
+    pub access: Access,
+    /// Rate limits and the in-flight cap (`limits:`).
+    pub limits: Limits,
 }
 
 impl CompiledProject {
@@ -135,6 +139,17 @@ pub struct Service {
     pub unwrap_first: bool,
     pub response_schema: Option<ResponseSchema>,
     pub mock: Option<Mock>,
+    /// The service's own, else the project's default, else none.
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+}
+
+/// When a service's circuit opens, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakerPolicy {
+    /// Consecutive failed calls that open the circuit.
+    pub failures: u32,
+    /// How long an open circuit fails calls before a probe goes through.
+    pub open_for: Duration,
 }
 
 impl fmt::Debug for Service {
@@ -241,7 +256,7 @@ pub struct Reply {
     pub text: TemplateId,
     pub route: String,
     pub data: Option<ValueTemplate>,
-    pub decision: String,
+    pub decision: Decision,
 }
 
 #[derive(Debug)]
@@ -343,4 +358,120 @@ impl KeywordIndex {
 struct Score {
     words: usize,
     characters: usize,
+}
+
+/// Who may call, compiled from `access:`.
+#[derive(Debug, Default)]
+pub struct Access {
+    /// Caller keys with a value. When there is at least one,
+    /// `POST /orchestrate` needs one of them.
+    pub keys: Vec<CallerKey>,
+    /// Keys declared with an empty value (their variable unset): left out
+    /// in development, a start-up error in production.
+    pub unset_keys: Vec<UnsetCallerKey>,
+    /// The key of `GET /metrics`, when it has one.
+    pub metrics_key: Option<SecretDigest>,
+}
+
+impl Access {
+    /// The caller key `presented` is, if any. Every declared key is
+    /// compared, in constant time over digests of equal length, so neither
+    /// the time taken nor the key's length tells how close a guess was.
+    pub fn authenticate(&self, presented: &str) -> Option<&CallerKey> {
+        let digest = SecretDigest::of(presented);
+        let mut found = None;
+        for key in &self.keys {
+            if key.digest.matches(&digest) && found.is_none() {
+                found = Some(key);
+            }
+        }
+        found
+    }
+}
+
+/// A caller key: its name, shown everywhere, and its secret, shown nowhere.
+#[derive(Debug)]
+pub struct CallerKey {
+    pub name: String,
+    pub digest: SecretDigest,
+    /// The `channel` values it may send; `None`: any.
+    pub channels: Option<Vec<String>>,
+}
+
+impl CallerKey {
+    pub fn allows_channel(&self, channel: &str) -> bool {
+        self.channels
+            .as_ref()
+            .is_none_or(|channels| channels.iter().any(|allowed| allowed == channel))
+    }
+}
+
+/// A caller key declared without a value.
+#[derive(Debug, Clone)]
+pub struct UnsetCallerKey {
+    pub name: String,
+    /// The environment variable its value comes from, when known.
+    pub variable: Option<String>,
+}
+
+/// The SHA-256 digest of a secret. The secret itself is not kept; `Debug`
+/// shows nothing of the digest either.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretDigest([u8; 32]);
+
+impl SecretDigest {
+    pub fn of(secret: &str) -> SecretDigest {
+        use sha2::Digest;
+        SecretDigest(sha2::Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Compares in constant time.
+    pub fn matches(&self, other: &SecretDigest) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl fmt::Debug for SecretDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretDigest([hidden])")
+    }
+}
+
+/// Rate limits and the in-flight cap, compiled from `limits:`. Compared
+/// with the previous project's on reload: unchanged limits keep their
+/// buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub per_user: Option<Rate>,
+    pub per_key: Option<Rate>,
+    /// Turns running at once in the process.
+    pub max_in_flight: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            per_user: None,
+            per_key: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1024;
+
+/// A token bucket: `count` requests per `period` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The time one token takes to come back.
+    pub fn replenish_interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
 }

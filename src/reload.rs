@@ -69,7 +69,8 @@ pub fn prepare(source: &Source, generation: u64) -> Result<Prepared, PrepareErro
         mut diagnostics,
         sources,
     } = check_project(&source.dir, &source.variables);
-    if source.environment == Environment::Production {
+    let production = source.environment == Environment::Production;
+    if production {
         // In production an unset variable is an error, not a warning.
         for diagnostic in &mut diagnostics {
             if diagnostic.code == Code::UnsetEnvVar {
@@ -86,20 +87,51 @@ pub fn prepare(source: &Source, generation: u64) -> Result<Prepared, PrepareErro
             });
         }
     };
-    match deploy(project, source.environment, source.force_mock, generation) {
-        Ok(deployment) => Ok(Prepared {
+    // Production rules about the environment, all reported at once: caller
+    // keys without a value, services without a URL.
+    diagnostics.extend(
+        project
+            .access
+            .unset_keys
+            .iter()
+            .map(|key| unset_key_diagnostic(key, production)),
+    );
+    let deployed = deploy(project, source.environment, source.force_mock, generation);
+    if let Err(missing) = &deployed {
+        diagnostics.extend(missing.iter().map(missing_url_diagnostic));
+    }
+    match deployed {
+        Ok(deployment) if !diagnostics.iter().any(Diagnostic::is_error) => Ok(Prepared {
             deployment,
             warnings: diagnostics,
             sources,
         }),
-        Err(missing) => {
-            diagnostics.extend(missing.iter().map(missing_url_diagnostic));
-            Err(PrepareError {
-                diagnostics,
-                sources,
-            })
-        }
+        _ => Err(PrepareError {
+            diagnostics,
+            sources,
+        }),
     }
+}
+
+/// A caller key declared without a value: left out in development (a
+/// warning), an error in production.
+fn unset_key_diagnostic(key: &crate::project::UnsetCallerKey, production: bool) -> Diagnostic {
+    let message = match &key.variable {
+        Some(variable) => format!(
+            "caller key `{}` has no value: `{variable}` is not set",
+            key.name
+        ),
+        None => format!("caller key `{}` has no value", key.name),
+    };
+    let location = crate::diagnostic::Location::file(FLOWS_DIR);
+    let diagnostic = if production {
+        Diagnostic::error(Code::UnsetEnvVar, location, message)
+    } else {
+        Diagnostic::warning(Code::UnsetEnvVar, location, message)
+    };
+    diagnostic.with_hint(
+        "outside production the key is left out; in production every declared key needs its value",
+    )
 }
 
 fn missing_url_diagnostic(missing: &MissingServiceUrl) -> Diagnostic {

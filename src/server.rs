@@ -27,10 +27,11 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
 
+use crate::admission::{self, AdmissionControl};
 use crate::engine::{self, TurnDeps, TurnRequest};
 use crate::intent::Classifier;
-use crate::project::CompiledProject;
-use crate::services::{ServiceMode, ServiceSpan, Transport};
+use crate::project::{CompiledProject, Decision};
+use crate::services::{CircuitBreakers, ServiceMode, ServiceSpan, Transport};
 use crate::session::{SessionStore, SessionStoreStatus};
 use crate::telemetry::{self, prometheus};
 
@@ -156,6 +157,11 @@ pub struct AppState {
     pub transport: Arc<dyn Transport>,
     pub settings: RuntimeSettings,
     pub reload: Mutex<ReloadStatus>,
+    /// Outlives deployments: rate-limit buckets and the in-flight cap,
+    /// kept while a reload leaves the limits unchanged.
+    pub admission: AdmissionControl,
+    /// Outlives deployments: each service's circuit breaker.
+    pub breakers: CircuitBreakers,
 }
 
 /// The router, for the server and for in-process tests.
@@ -189,6 +195,12 @@ struct TurnLabels {
     intent: String,
 }
 
+/// The caller key's name (`anonymous` without keys, `none` when the
+/// request was refused before it was known), for the request metrics (a
+/// response extension).
+#[derive(Debug, Clone)]
+struct CallerLabel(String);
+
 /// The stable code of an error answer, for the request metrics (a response
 /// extension).
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +218,7 @@ async fn observe(request: Request, next: Next) -> Response {
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
         channel = tracing::field::Empty,
+        caller = tracing::field::Empty,
         session_error = tracing::field::Empty,
     );
     let response = next.run(request).instrument(span).await;
@@ -214,6 +227,10 @@ async fn observe(request: Request, next: Next) -> Response {
         Some(labels) => (labels.route.clone(), labels.intent.clone()),
         None => ("none".to_owned(), "none".to_owned()),
     };
+    let caller = match response.extensions().get::<CallerLabel>() {
+        Some(CallerLabel(name)) => name.clone(),
+        None => "none".to_owned(),
+    };
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
         metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, "endpoint" => endpoint, "code" => *code)
             .increment(1);
@@ -221,6 +238,7 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::counter!(
         prometheus::REQUESTS_TOTAL,
         "endpoint" => endpoint,
+        "caller" => caller,
         "route" => route,
         "intent" => intent,
         "status" => status,
@@ -240,7 +258,15 @@ pub struct ApiError {
     /// JSON pointer of the offending request field.
     pub pointer: Option<String>,
     pub trace_id: Option<String>,
+    /// `Retry-After`, in seconds (429, 503).
+    pub retry_after: Option<u64>,
+    /// `WWW-Authenticate: Bearer` (401).
+    pub www_authenticate: bool,
 }
+
+/// `Retry-After` of a 503 `overloaded`: turns take milliseconds, so a
+/// second is plenty.
+const OVERLOADED_RETRY_AFTER_SECONDS: u64 = 1;
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -250,6 +276,45 @@ impl ApiError {
             detail: detail.into(),
             pointer: None,
             trace_id: None,
+            retry_after: None,
+            www_authenticate: false,
+        }
+    }
+
+    /// 401: no caller key, or not one of the project's.
+    fn unauthorized() -> ApiError {
+        ApiError {
+            www_authenticate: true,
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a caller key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+            )
+        }
+    }
+
+    /// 429 over a rate, 503 over the in-flight cap; both with `Retry-After`.
+    fn refused(refusal: admission::Refusal) -> ApiError {
+        match refusal {
+            admission::Refusal::RateLimited { retry_after } => {
+                let seconds = admission::retry_after_seconds(retry_after);
+                ApiError {
+                    retry_after: Some(seconds),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limited",
+                        format!("too many requests; retry in {seconds} s"),
+                    )
+                }
+            }
+            admission::Refusal::Overloaded => ApiError {
+                retry_after: Some(OVERLOADED_RETRY_AFTER_SECONDS),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the service is at its limit of turns in flight; retry shortly",
+                )
+            },
         }
     }
 
@@ -288,6 +353,16 @@ impl IntoResponse for ApiError {
         );
         if let Some(value) = self.trace_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
             response.headers_mut().insert("x-trace-id", value);
+        }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.www_authenticate {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response.extensions_mut().insert(ErrorCode(self.code));
         response
@@ -380,7 +455,7 @@ const ENVELOPE_FIELDS: &[&str] = &[
 /// The answer envelope, compatible with the Python service's.
 #[derive(Debug, Serialize)]
 pub struct Envelope {
-    pub decision: String,
+    pub decision: Decision,
     pub reply_text: String,
     pub session_id: String,
     pub route: String,
@@ -391,21 +466,64 @@ pub struct Envelope {
     pub data: Option<Json>,
 }
 
-async fn orchestrate(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<JsonObject, ApiError>,
+/// `POST /orchestrate`. The answer carries the caller's name for the
+/// request metrics, whatever its fate.
+async fn orchestrate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let mut caller = None;
+    let mut response = match run_orchestrate(&state, request, &mut caller).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    response
+        .extensions_mut()
+        .insert(CallerLabel(caller.unwrap_or_else(|| "none".to_owned())));
+    response
+}
+
+/// Admission, then the turn: the caller key (401), its rate (429), room in
+/// the process (503), the body (400/413/415/422), the key's channels (403),
+/// the user's rate (429). What costs nothing comes first, so a flood of
+/// unauthenticated or over-limit requests never reaches the body parser.
+async fn run_orchestrate(
+    state: &AppState,
+    request: Request,
+    caller_name: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let deployment = state.deployment.load_full();
-    let JsonObject(body) = body?;
     let project = &deployment.project;
+    let span = tracing::Span::current();
+    let Some(caller) = admission::authenticate(&project.access, request.headers()) else {
+        return Err(ApiError::unauthorized());
+    };
+    *caller_name = Some(caller.name().to_owned());
+    span.record("caller", caller.name());
+    let admission = state.admission.for_limits(&project.limits);
+    admission
+        .check_key(caller.name())
+        .map_err(ApiError::refused)?;
+    let _in_flight = admission.enter().map_err(ApiError::refused)?;
+    let headers = request.headers().clone();
+    let JsonObject(body) = JsonObject::from_request(request, &()).await?;
     let body = match &project.request_schema {
         Some(schema) => validate_request_body(schema, body)?,
         None => body,
     };
     let request = turn_request(body, &headers)?;
-    let span = tracing::Span::current();
+    if !caller.allows_channel(&request.channel) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the caller key `{}` may not send channel `{}`",
+                caller.name(),
+                request.channel
+            ),
+        ));
+    }
+    admission
+        .check_user(&request.user_id)
+        .map_err(ApiError::refused)?;
     span.record("trace_id", request.trace_id.as_str());
     span.record("session_id", request.session_id.as_str());
     span.record("user_id", request.user_id.as_str());
@@ -425,6 +543,7 @@ async fn orchestrate(
         classifier: state.classifier.as_ref(),
         sessions: state.sessions.as_ref(),
         transport: state.transport.as_ref(),
+        breakers: &state.breakers,
         deadline: tokio::time::Instant::now() + state.settings.request_timeout,
     };
     let outcome = match engine::run_turn(&deps, &request).await {
@@ -649,9 +768,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
                 "name": service.name,
                 "mode": match mode { ServiceMode::Live(_) => "live", ServiceMode::Mock => "mock" },
                 "url_variable": service.url_variable,
+                "circuit": service.circuit_breaker.map(|_| state.breakers.state(&service.name)),
             })
         })
         .collect();
+    let admission = state.admission.for_limits(&project.limits);
     let mocked: Vec<&str> = project
         .services
         .iter()
@@ -687,6 +808,15 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
         "services": services,
         "mocked_services": mocked,
+        "auth": if project.access.keys.is_empty() { "none" } else { "api_key" },
+        "caller_keys": project.access.keys.iter().map(|key| key.name.as_str()).collect::<Vec<_>>(),
+        "metrics_auth": if project.access.metrics_key.is_some() { "api_key" } else { "none" },
+        "limits": {
+            "per_user": project.limits.per_user.map(rate_json),
+            "per_key": project.limits.per_key.map(rate_json),
+            "max_in_flight": project.limits.max_in_flight,
+            "in_flight": admission.in_flight(),
+        },
         "sessions": state.sessions.session_count(),
         "session_store": session_store,
         "reload": {
@@ -700,8 +830,33 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(body).into_response()
 }
 
-/// `GET /metrics`: every metric in Prometheus text format.
-async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+/// A rate as `/health` shows it.
+fn rate_json(rate: crate::project::Rate) -> Json {
+    json!({
+        "rate": format!("{}/{}", rate.count, match rate.period.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        }),
+        "burst": rate.burst,
+    })
+}
+
+/// `GET /metrics`: every metric in Prometheus text format; with a metrics
+/// key in the project, only for a request bearing it.
+async fn metrics_text(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let deployment = state.deployment.load();
+    if !admission::metrics_allowed(&deployment.project.access, &headers) {
+        return ApiError::unauthorized().into_response();
+    }
+    // Every breaker of the live project shows, also before its first call.
+    for service in &deployment.project.services {
+        if service.circuit_breaker.is_some() {
+            metrics::gauge!(prometheus::CIRCUIT_BREAKER_STATE, "service" => service.name.clone())
+                .set(state.breakers.state(&service.name).gauge_value());
+        }
+    }
+    drop(deployment);
     if let Some(count) = state.sessions.session_count() {
         metrics::gauge!(prometheus::SESSIONS).set(count as f64);
     }

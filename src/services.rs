@@ -19,6 +19,10 @@ use tokio::time::Instant;
 
 use crate::project::{HttpMethod, Service};
 
+mod circuit_breaker;
+
+pub use circuit_breaker::{CircuitBreakers, CircuitState};
+
 /// Largest service answer read, in bytes; a larger one is `service_bad_response`.
 pub const MAX_RESPONSE_BYTES: usize = 2 * 1024 * 1024;
 
@@ -40,6 +44,8 @@ pub enum ServiceErrorCode {
     ServiceHttpError,
     ServiceBadResponse,
     SchemaViolation,
+    /// The service's circuit breaker is open: no call was made.
+    CircuitOpen,
 }
 
 impl ServiceErrorCode {
@@ -50,6 +56,7 @@ impl ServiceErrorCode {
             ServiceErrorCode::ServiceHttpError => "service_http_error",
             ServiceErrorCode::ServiceBadResponse => "service_bad_response",
             ServiceErrorCode::SchemaViolation => "schema_violation",
+            ServiceErrorCode::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -66,6 +73,20 @@ pub struct ServiceError {
 }
 
 impl ServiceError {
+    /// Whether the failure says the service is unwell, for its circuit
+    /// breaker: timeouts, refused connections, 5xx and 429 answers, answers
+    /// that are not JSON or break the schema. Other 4xx answers are about
+    /// the request, not the service.
+    pub fn counts_against_service(&self) -> bool {
+        match self.code {
+            ServiceErrorCode::ServiceHttpError => self
+                .status
+                .is_none_or(|status| status >= 500 || status == 429),
+            ServiceErrorCode::CircuitOpen => false,
+            _ => true,
+        }
+    }
+
     fn new(code: ServiceErrorCode, message: impl Into<String>) -> ServiceError {
         ServiceError {
             code,
@@ -495,6 +516,7 @@ pub struct CallOutcome {
 /// answer.
 pub async fn call(
     transport: &dyn Transport,
+    breakers: &CircuitBreakers,
     service: &Service,
     mode: &ServiceMode,
     body: Option<&serde_json::Value>,
@@ -502,6 +524,30 @@ pub async fn call(
     deadline: Instant,
 ) -> CallOutcome {
     let started = Instant::now();
+    let ticket = match mode {
+        ServiceMode::Mock => None,
+        ServiceMode::Live(_) => {
+            match breakers.admit(&service.name, service.circuit_breaker, started) {
+                Some(ticket) => Some(ticket),
+                None => {
+                    let error = ServiceError::new(
+                        ServiceErrorCode::CircuitOpen,
+                        format!(
+                            "the circuit of service `{}` is open after repeated failures: not called",
+                            service.name
+                        ),
+                    );
+                    let mut span = span(service, None, started, 0, false);
+                    span.error = Some(error.code);
+                    record_call_metrics(service, span.error, started.elapsed());
+                    return CallOutcome {
+                        result: Err(error),
+                        span,
+                    };
+                }
+            }
+        }
+    };
     let attempts = AtomicU32::new(0);
     let last_status = Arc::new(std::sync::Mutex::new(None::<u16>));
     let result = match mode {
@@ -579,6 +625,13 @@ pub async fn call(
             }
         }
     };
+    if let Some(ticket) = ticket {
+        let failed = result
+            .as_ref()
+            .err()
+            .is_some_and(ServiceError::counts_against_service);
+        ticket.finish(failed, Instant::now());
+    }
     let status = *last_status
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -135,6 +135,13 @@ pub struct FlowFile {
     /// Project-wide defaults.
     #[serde(default)]
     pub defaults: Option<Spanned<Defaults>>,
+    /// Who may call: caller keys for `POST /orchestrate` and `/metrics`.
+    #[serde(default)]
+    pub access: Option<Spanned<Access>>,
+    /// Rate limits per user and per caller key, and the cap on turns in
+    /// flight.
+    #[serde(default)]
+    pub limits: Option<Spanned<Limits>>,
 }
 
 /// The top-level keys of a flow file, in the order the format reference lists them.
@@ -145,6 +152,8 @@ pub const FLOW_FILE_KEYS: &[&str] = &[
     "flows",
     "redact",
     "defaults",
+    "access",
+    "limits",
 ];
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -211,6 +220,20 @@ pub struct Service {
     pub response: Option<Spanned<ServiceResponse>>,
     /// The answer used in development when no URL is set, with `serve --mock`, and in tests.
     pub mock: Option<Spanned<Mock>>,
+    /// Stop calling the service for a while after it failed this many times
+    /// in a row. Default: `defaults.circuit_breaker`, else none.
+    pub circuit_breaker: Option<Spanned<CircuitBreaker>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Consecutive failed calls (a call counts once, whatever its retries)
+    /// that open the circuit, 1 to 1000.
+    pub failures: Spanned<u32>,
+    /// How long an open circuit fails calls at once before one probe call is
+    /// let through, for example `30s`.
+    pub open_for: Text,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -304,7 +327,9 @@ pub struct Step {
     pub route: Option<Name>,
     /// Structured data returned with the reply; strings are templates.
     pub data: Option<Spanned<TemplateValue>>,
-    /// The envelope's `decision`. Default `reply` (`error` inside `on_error`).
+    /// The envelope's `decision`: `reply`, `error`, `handoff` or `end`.
+    /// Default `reply` (`error` inside `on_error`).
+    #[schemars(with = "Option<Decision>")]
     pub decision: Option<Name>,
 
     /// Set session variables that later turns can read under `session`.
@@ -347,6 +372,55 @@ pub struct Defaults {
     pub error_reply: Option<Text>,
     /// Route reported with that reply. Default: the name of the flow that failed.
     pub error_route: Option<Name>,
+    /// The circuit breaker of every service that declares none.
+    pub circuit_breaker: Option<Spanned<CircuitBreaker>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Caller keys. When at least one is declared, `POST /orchestrate`
+    /// needs `Authorization: Bearer <key>` (or `x-api-key: <key>`).
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<ApiKey>>,
+    /// A key of its own for `GET /metrics` (Bearer). Without it `/metrics`
+    /// is open, like `/health`.
+    pub metrics_key: Option<Text>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Names the caller in logs, metrics and `/health`; the key never shows.
+    pub name: Name,
+    /// The secret, at least 16 characters; from the environment
+    /// (`${WEB_APP_API_KEY}`).
+    pub key: Text,
+    /// The `channel` values this key may send. Default: any.
+    pub channels: Option<Spanned<Vec<Name>>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// A token bucket per `user_id`.
+    pub per_user: Option<Spanned<RateLimit>>,
+    /// A token bucket per caller key (all anonymous callers share one when
+    /// no key is declared).
+    pub per_key: Option<Spanned<RateLimit>>,
+    /// Turns running at once in the whole process; past it requests are
+    /// answered 503 at once. Default 1024.
+    pub max_in_flight: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate: `N/s`, `N/m` or `N/h`.
+    pub rate: Text,
+    /// Requests allowed at once after a quiet spell. Default: the `N` of
+    /// `rate`.
+    pub burst: Option<Spanned<u32>>,
 }
 
 /// Any YAML value whose strings are templates: a call body, reply data, a
@@ -445,6 +519,76 @@ impl<'de> Deserialize<'de> for TemplateValue {
         }
 
         deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+/// The envelope's `decision`: what the channel should do with the turn. A
+/// closed set, so channels can switch on it; `check` refuses any other value.
+/// The spec keeps a step's `decision` as text with its position (for the
+/// "did you mean" of `check`); the compiled project holds this enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Say `reply_text`; the conversation goes on (the Python service's only
+    /// value).
+    Reply,
+    /// The turn could not do what was asked (a service failed); `reply_text`
+    /// apologises. Default inside `on_error`.
+    Error,
+    /// Say `reply_text`, then hand the conversation to a person (staff, a
+    /// support queue): the flow cannot go further on its own.
+    Handoff,
+    /// Say `reply_text`; the conversation is over (a voice channel may hang
+    /// up, a chat may close).
+    End,
+}
+
+impl Decision {
+    /// Every value, in the order the documentation lists them.
+    pub const ALL: [Decision; 4] = [
+        Decision::Reply,
+        Decision::Error,
+        Decision::Handoff,
+        Decision::End,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Reply => "reply",
+            Decision::Error => "error",
+            Decision::Handoff => "handoff",
+            Decision::End => "end",
+        }
+    }
+
+    /// The decision of this name, if it is one.
+    pub fn from_name(name: &str) -> Option<Decision> {
+        Decision::ALL
+            .into_iter()
+            .find(|decision| decision.as_str() == name)
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Decision {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl JsonSchema for Decision {
+    fn schema_name() -> Cow<'static, str> {
+        "Decision".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "enum": Decision::ALL.map(Decision::as_str),
+        })
     }
 }
 

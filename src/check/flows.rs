@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use crate::diagnostic::{Code, Diagnostic, Location};
+use crate::diagnostic::{Code, Diagnostic, Location, did_you_mean};
 use crate::load;
-use crate::project::{self, FlowId, IntentId, ServiceId};
+use crate::project::{self, Decision, FlowId, IntentId, ServiceId};
 use crate::spec::{self, Name, Position, Spanned};
 
 use super::{Checker, Defined};
@@ -805,10 +805,17 @@ impl Checker<'_> {
             Some(data) => Some(self.compile_value(file, data, scope, facts)?),
             None => None,
         };
-        let decision = spec.decision.as_ref().map_or_else(
-            || if scope.in_on_error { "error" } else { "reply" }.to_owned(),
-            |decision| decision.value.clone(),
-        );
+        let decision = match &spec.decision {
+            None if scope.in_on_error => Decision::Error,
+            None => Decision::Reply,
+            Some(name) => match Decision::from_name(&name.value) {
+                Some(decision) => decision,
+                None => {
+                    self.push(unknown_decision(file, name));
+                    return None;
+                }
+            },
+        };
         let route = spec
             .route
             .as_ref()
@@ -885,4 +892,19 @@ fn collect_steps<'s>(steps: &'s [Spanned<spec::Step>], out: &mut Vec<&'s spec::S
             collect_steps(std::slice::from_ref(on_error.as_ref()), out);
         }
     }
+}
+
+/// A `decision` outside the closed set, with the closest known value.
+fn unknown_decision(file: &Path, name: &spec::Name) -> Diagnostic {
+    let known = Decision::ALL.map(Decision::as_str);
+    Diagnostic::error(
+        Code::UnknownDecision,
+        Location::new(file, name.position, name.value.chars().count()),
+        format!(
+            "unknown decision `{}`: a decision is one of {}",
+            name.value,
+            known.map(|name| format!("`{name}`")).join(", ")
+        ),
+    )
+    .with_optional_hint(did_you_mean(&name.value, known))
 }

@@ -163,6 +163,10 @@ impl Checker<'_> {
             ),
             None => Some(None),
         };
+        let circuit_breaker = match &spec.circuit_breaker {
+            Some(policy) => self.circuit_breaker(file, policy).map(Some),
+            None => Some(None),
+        };
         let mut headers = Vec::new();
         for (name, value) in &spec.headers {
             if reqwest_header_name_is_valid(&name.value) {
@@ -197,11 +201,12 @@ impl Checker<'_> {
                 validator: schema.validator.clone(),
             }),
             mock: mock?,
+            circuit_breaker: circuit_breaker?,
         })
     }
 
     /// The `${VAR}` written at a position, so messages can name the variable.
-    fn variable_at(&self, file: &Path, position: Position) -> Option<String> {
+    pub(super) fn variable_at(&self, file: &Path, position: Position) -> Option<String> {
         let text = self.sources.get(file)?;
         let line = text.lines().nth(position.line.checked_sub(1)? as usize)?;
         let start = line

@@ -23,7 +23,7 @@ use crate::diagnostic::{Code, Diagnostic, Location, Sources, did_you_mean};
 use crate::engine::{self, TurnDeps, TurnOutcome};
 use crate::intent::{self, Classification, Classifier};
 use crate::load::{self, FLOWS_DIR, TESTS_DIR};
-use crate::project::{CompiledProject, IntentId, Service};
+use crate::project::{CompiledProject, Decision, IntentId, Service};
 use crate::services::{OutgoingRequest, RawResponse, ServiceMode, Transport, TransportError};
 use crate::session::{MemorySessionStore, SessionStore};
 use crate::spec::{Position, Spanned};
@@ -130,6 +130,14 @@ pub fn check_tests(project: &CompiledProject, tests: &LoadedTests) -> Vec<Diagno
                     }
                     if let Some(flow) = &expect.flow {
                         name_check(Code::UnknownFlow, "flow", flow, &flows);
+                    }
+                    if let Some(decision) = &expect.decision {
+                        name_check(
+                            Code::UnknownDecision,
+                            "decision",
+                            decision,
+                            &Decision::ALL.map(Decision::as_str),
+                        );
                     }
                     for call in expect.calls.iter().flat_map(|calls| calls.value.iter()) {
                         name_check(
@@ -589,6 +597,9 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
             return result;
         }
     };
+    // Circuit breakers live as long as the case: its turns share them, as a
+    // process's turns do.
+    let breakers = crate::services::CircuitBreakers::default();
     runtime.block_on(async {
         let sessions = MemorySessionStore::new(Duration::from_secs(3600), 16);
         let placeholder = url::Url::parse("http://stubbed.invalid/").ok();
@@ -668,6 +679,7 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                 classifier: &classifier,
                 sessions: &sessions,
                 transport: &transport,
+                breakers: &breakers,
                 deadline: tokio::time::Instant::now() + TURN_TIMEOUT,
             };
             let outcome = match engine::run_turn(&deps, &request).await {
@@ -787,20 +799,20 @@ fn check_expectations(
         });
     };
     let names = [
-        ("route", &expect.route, &outcome.route),
-        ("intent", &expect.intent, &outcome.intent),
-        ("flow", &expect.flow, &outcome.flow),
-        ("decision", &expect.decision, &outcome.decision),
+        ("route", &expect.route, outcome.route.as_str()),
+        ("intent", &expect.intent, outcome.intent.as_str()),
+        ("flow", &expect.flow, outcome.flow.as_str()),
+        ("decision", &expect.decision, outcome.decision.as_str()),
     ];
     for (what, expected, actual) in names {
         if let Some(expected) = expected
-            && expected.value != *actual
+            && expected.value != actual
         {
             fail(
                 expected.position,
                 what,
                 expected.value.clone(),
-                actual.clone(),
+                actual.to_owned(),
             );
         }
     }

@@ -109,7 +109,8 @@ pub struct Expect {
     pub route: Option<Name>,
     pub intent: Option<Name>,
     pub flow: Option<Name>,
-    /// `reply` or `error`.
+    /// `reply`, `error`, `handoff` or `end`.
+    #[schemars(with = "Option<crate::spec::Decision>")]
     pub decision: Option<Name>,
     pub reply: Option<Spanned<ReplyExpectation>>,
     /// The services called, in order; `body` is matched as a subset.

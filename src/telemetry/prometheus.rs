@@ -42,6 +42,8 @@ pub const SESSIONS: &str = "mcp_sessions";
 pub const SESSION_STORE_ERRORS_TOTAL: &str = "mcp_session_store_errors_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "mcp_build_info";
+/// Each service's circuit: 0 closed, 1 open, 2 half-open.
+pub const CIRCUIT_BREAKER_STATE: &str = "mcp_circuit_breaker_state";
 
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -62,6 +64,7 @@ pub const ALL: &[&str] = &[
     SESSIONS,
     SESSION_STORE_ERRORS_TOTAL,
     BUILD_INFO,
+    CIRCUIT_BREAKER_STATE,
 ];
 
 /// Histogram buckets, in seconds: from 1 ms to 10 s.
@@ -127,7 +130,7 @@ fn describe() {
     use metrics::Unit;
     metrics::describe_counter!(
         REQUESTS_TOTAL,
-        "Requests answered, by endpoint, flow route, intent and HTTP status"
+        "Requests answered, by endpoint, caller key, flow route, intent and HTTP status"
     );
     metrics::describe_counter!(
         REQUEST_ERRORS_TOTAL,
@@ -169,6 +172,10 @@ fn describe() {
         "Session store operations of a turn that failed, by operation (load, apply)"
     );
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
+    metrics::describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        "Circuit breaker of each service: 0 closed, 1 open, 2 half-open"
+    );
 
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for outcome in ["success", "unchanged", "error"] {

@@ -171,3 +171,124 @@ fn the_debug_global_is_not_available() {
     );
     assert_eq!(codes(&checked), [Code::UnknownVariable]);
 }
+
+const GREET: &str = "flows:\n  f:\n    intent: hello\n    steps:\n      - reply: hi\n";
+
+#[test]
+fn caller_keys_are_long_distinct_and_never_quoted() {
+    let checked = check(
+        &format!(
+            "{GREET}access:\n  api_keys:\n    - {{ name: a, key: short-secret }}\n    - {{ name: b, key: same-value-0123456789 }}\n    - {{ name: c, key: same-value-0123456789 }}\n    - {{ name: b, key: another-value-0123456789 }}\n    - {{ name: d, key: fine-value-0123456789, channels: [] }}\n"
+        ),
+        &[],
+    );
+    let messages: Vec<String> = checked
+        .diagnostics
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}:{} {}",
+                d.code.as_str(),
+                d.location.line,
+                d.location.column,
+                d.message
+            )
+        })
+        .collect();
+    assert!(checked.project.is_none());
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("invalid-value 14:23 caller key `a` has 12 characters")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("duplicate-name")
+                && m.contains("`b` and `c` have the same value")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("caller key `b` is declared twice")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("`d` may use no channel")),
+        "{messages:#?}"
+    );
+    for message in &messages {
+        assert!(
+            !message.contains("short-secret") && !message.contains("0123456789"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_key_is_kept_apart_for_serve_to_decide() {
+    let checked = check(
+        &format!(
+            "{GREET}access:\n  api_keys:\n    - {{ name: web, key: \"${{WEB_KEY_FOR_TEST:-}}\" }}\n"
+        ),
+        &[],
+    );
+    assert_eq!(codes(&checked), []);
+    let project = checked.project.unwrap();
+    assert!(project.access.keys.is_empty());
+    assert_eq!(project.access.unset_keys[0].name, "web");
+    assert_eq!(
+        project.access.unset_keys[0].variable.as_deref(),
+        Some("WEB_KEY_FOR_TEST")
+    );
+}
+
+#[test]
+fn limits_and_circuit_breakers_are_checked() {
+    let checked = check(
+        &format!(
+            "{GREET}limits:\n  per_user: {{ rate: 5/day }}\n  per_key: {{ rate: 10/s, burst: 0 }}\n  max_in_flight: 0\nservices:\n  s:\n    url: http://127.0.0.1:9/s\n    circuit_breaker: {{ failures: 0, open_for: 30s }}\ndefaults:\n  circuit_breaker: {{ failures: 5, open_for: soon }}\n"
+        ),
+        &[],
+    );
+    let found: Vec<(Code, u32)> = checked
+        .diagnostics
+        .iter()
+        .map(|d| (d.code, d.location.line))
+        .collect();
+    // The bad rate, the zero burst, the zero cap, the zero failures, the
+    // bad duration: every one reported.
+    for expected in [
+        (Code::InvalidValue, 13),
+        (Code::InvalidValue, 14),
+        (Code::InvalidValue, 15),
+        (Code::InvalidValue, 19),
+        (Code::InvalidDuration, 21),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} in {found:?}");
+    }
+    let rate = checked
+        .diagnostics
+        .iter()
+        .find(|d| d.message.contains("5/day"))
+        .unwrap();
+    assert!(rate.hint.as_deref().unwrap().contains("`5/s`"), "{rate:?}");
+    let checked = check(
+        &format!(
+            "{GREET}limits:\n  per_user: {{ rate: 5/s }}\n  per_key: {{ rate: 300/m, burst: 600 }}\nservices:\n  s:\n    url: http://127.0.0.1:9/s\n  t:\n    url: http://127.0.0.1:9/t\n    circuit_breaker: {{ failures: 2, open_for: 5s }}\ndefaults:\n  circuit_breaker: {{ failures: 5, open_for: 30s }}\n"
+        ),
+        &[],
+    );
+    assert_eq!(codes(&checked), []);
+    let project = checked.project.unwrap();
+    let per_user = project.limits.per_user.unwrap();
+    assert_eq!((per_user.count, per_user.burst), (5, 5));
+    assert_eq!(project.limits.per_key.unwrap().burst, 600);
+    assert_eq!(project.limits.max_in_flight, 1024);
+    assert_eq!(project.services[0].circuit_breaker.unwrap().failures, 5);
+    assert_eq!(project.services[1].circuit_breaker.unwrap().failures, 2);
+}

@@ -27,7 +27,13 @@ pub fn fixtures_dir() -> PathBuf {
 /// The environment every check in the tests sees: fixed, so results do not
 /// depend on the machine.
 pub fn test_environment() -> HashMap<String, String> {
-    HashMap::from([("SET_IN_TESTS".to_owned(), "yes".to_owned())])
+    HashMap::from([
+        ("SET_IN_TESTS".to_owned(), "yes".to_owned()),
+        // The shipped project limits each user to 10 turns a second; tests
+        // that send many turns of one user would hit it. The tests of the
+        // limits set their own.
+        ("PER_USER_RATE".to_owned(), "100000/s".to_owned()),
+    ])
 }
 
 /// Copies a project directory tree (for tests that edit a copy).

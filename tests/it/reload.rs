@@ -120,6 +120,8 @@ async fn serve_dir(
             request_timeout: Duration::from_secs(30),
         },
         reload: Mutex::new(Default::default()),
+        admission: Default::default(),
+        breakers: Default::default(),
     });
     let reloader = Reloader::new(source, state.clone());
     let watch = reloader.watch().unwrap();

@@ -8,6 +8,7 @@
 //! and stub HTTP services that record what they receive.
 
 mod concurrency;
+mod edge;
 mod llm_classifier;
 mod observability;
 mod request_fields;
@@ -143,6 +144,8 @@ impl Harness {
                 request_timeout: options.request_timeout,
             },
             reload: Mutex::new(Default::default()),
+            admission: Default::default(),
+            breakers: Default::default(),
         });
         Harness { state, sessions }
     }

@@ -273,7 +273,7 @@ async fn serve_ships_logs_to_loki_and_flushes_them_on_sigterm() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"mcp_requests_total{endpoint="/orchestrate",route="menu",intent="menu",status="200"} 1"#),
+        metrics.contains(r#"mcp_requests_total{endpoint="/orchestrate",caller="anonymous",route="menu",intent="menu",status="200"} 1"#),
         "{metrics}"
     );
 

@@ -355,6 +355,8 @@ pub fn replica(
             request_timeout,
         },
         reload: Mutex::new(Default::default()),
+        admission: Default::default(),
+        breakers: Default::default(),
     })
 }
 
