@@ -106,6 +106,16 @@ struct ServeArgs {
     /// Time a request may take in all, service calls included.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     request_timeout: std::time::Duration,
+    /// Time a client has to send a request head, from the connection's
+    /// start or the head's first byte.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// An idle keep-alive connection is closed after this long.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Most connections open at once; past it new ones wait to be accepted.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// On SIGTERM/SIGINT, time in-flight requests get to finish.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: std::time::Duration,
@@ -382,6 +392,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             settings: RuntimeSettings {
                 environment,
                 request_timeout: args.request_timeout,
+                connections: server::ConnectionSettings {
+                    header_timeout: args.header_timeout,
+                    idle_timeout: args.idle_timeout,
+                    max_connections: args.max_connections,
+                },
             },
             reload: std::sync::Mutex::new(Default::default()),
             admission: Default::default(),

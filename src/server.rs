@@ -27,6 +27,10 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
 
+mod connections;
+
+pub use connections::{ConnectionSettings, MAX_HEAD_BYTES};
+
 use crate::admission::{self, AdmissionControl};
 use crate::engine::{self, TurnDeps, TurnRequest};
 use crate::intent::Classifier;
@@ -141,8 +145,11 @@ pub struct ReloadError {
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
     pub environment: Environment,
-    /// Every request has its answer within this time.
+    /// Every request has its answer within this time, its body included.
     pub request_timeout: Duration,
+    /// How long a head and an idle connection may take; how many
+    /// connections may be open.
+    pub connections: ConnectionSettings,
 }
 
 /// Everything the handlers share. Each field says why it is here.
@@ -262,6 +269,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// `WWW-Authenticate: Bearer` (401).
     pub www_authenticate: bool,
+    /// `Connection: close`: the connection cannot serve another request.
+    pub close_connection: bool,
 }
 
 /// `Retry-After` of a 503 `overloaded`: turns take milliseconds, so a
@@ -278,6 +287,19 @@ impl ApiError {
             trace_id: None,
             retry_after: None,
             www_authenticate: false,
+            close_connection: false,
+        }
+    }
+
+    /// 408: the body did not arrive within the request timeout.
+    fn request_timeout() -> ApiError {
+        ApiError {
+            close_connection: true,
+            ..ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )
         }
     }
 
@@ -358,6 +380,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if self.www_authenticate {
             response
@@ -504,7 +531,14 @@ async fn run_orchestrate(
         .map_err(ApiError::refused)?;
     let _in_flight = admission.enter().map_err(ApiError::refused)?;
     let headers = request.headers().clone();
-    let JsonObject(body) = JsonObject::from_request(request, &()).await?;
+    // One deadline for the whole request: a body dripped in slowly leaves
+    // the turn less time, never more.
+    let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
+    let JsonObject(body) =
+        match tokio::time::timeout_at(deadline, JsonObject::from_request(request, &())).await {
+            Ok(body) => body?,
+            Err(_) => return Err(ApiError::request_timeout()),
+        };
     let body = match &project.request_schema {
         Some(schema) => validate_request_body(schema, body)?,
         None => body,
@@ -544,7 +578,7 @@ async fn run_orchestrate(
         sessions: state.sessions.as_ref(),
         transport: state.transport.as_ref(),
         breakers: &state.breakers,
-        deadline: tokio::time::Instant::now() + state.settings.request_timeout,
+        deadline,
     };
     let outcome = match engine::run_turn(&deps, &request).await {
         Ok(outcome) => outcome,
@@ -872,44 +906,14 @@ async fn metrics_text(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
 
 /// Serves `app` on `listener` until `shutdown` completes; then stops
 /// accepting, lets in-flight requests finish for at most `grace`, and
-/// returns.
+/// returns. Connections are bounded in number and time
+/// (`RuntimeSettings::connections`, see `connections`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = signalled_sender.send(());
-    });
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        finished = &mut server => return flatten(finished),
-        _ = signalled => {}
-    }
-    tracing::info!(
-        event_type = "shutdown",
-        grace_ms = grace.as_millis() as u64,
-        "Shutting down: finishing in-flight requests"
-    );
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(finished) => flatten(finished),
-        Err(_) => {
-            tracing::warn!(
-                event_type = "shutdown",
-                "Grace period over: dropping the requests still running"
-            );
-            server.abort();
-            Ok(())
-        }
-    }
-}
-
-fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
-    match result {
-        Ok(result) => result,
-        Err(error) => Err(std::io::Error::other(error)),
-    }
+    let settings = state.settings.connections;
+    connections::serve(listener, app(state), settings, shutdown, grace).await
 }

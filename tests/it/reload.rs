@@ -118,6 +118,7 @@ async fn serve_dir(
         settings: RuntimeSettings {
             environment: Environment::Development,
             request_timeout: Duration::from_secs(30),
+            connections: Default::default(),
         },
         reload: Mutex::new(Default::default()),
         admission: Default::default(),

@@ -9,6 +9,7 @@
 
 mod concurrency;
 mod edge;
+mod hardened_http;
 mod llm_classifier;
 mod observability;
 mod request_fields;
@@ -142,6 +143,7 @@ impl Harness {
             settings: RuntimeSettings {
                 environment: options.environment,
                 request_timeout: options.request_timeout,
+                connections: Default::default(),
             },
             reload: Mutex::new(Default::default()),
             admission: Default::default(),

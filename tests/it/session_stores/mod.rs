@@ -353,6 +353,7 @@ pub fn replica(
         settings: RuntimeSettings {
             environment: Environment::Development,
             request_timeout,
+            connections: Default::default(),
         },
         reload: Mutex::new(Default::default()),
         admission: Default::default(),

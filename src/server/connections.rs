@@ -1,0 +1,477 @@
+//! Serving connections, hardened: the accept loop and each HTTP/1.1
+//! connection, with hyper underneath.
+//!
+//! - A request head must arrive within `header_timeout` of the connection's
+//!   start or of its first byte; an idle keep-alive connection is closed
+//!   after `idle_timeout`. (hyper's own header timer also runs while a
+//!   connection is idle, so it would cut idle connections at the head
+//!   timeout; these two are kept apart here, as nginx does.)
+//! - Heads over `MAX_HEAD_BYTES` are answered 431 by hyper.
+//! - A request with both `Content-Length` and `Transfer-Encoding` is
+//!   answered 400 and its connection closed: hyper would take the chunked
+//!   body and drop the length, which a proxy in front may have read the
+//!   other way (request smuggling). hyper removes one of the two headers
+//!   before the request is seen, so the head is scanned as it is read.
+//! - At most `max_connections` connections are open; past it the accept
+//!   loop waits (new clients wait in the kernel's backlog) and the ones
+//!   being served are not touched.
+//! - On shutdown: stop accepting, let hyper close idle connections and
+//!   finish the requests in flight, for at most the grace period.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Largest request head (request line and headers) accepted; larger is 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Limits of the connections, from the environment (`HEADER_TIMEOUT`,
+/// `IDLE_TIMEOUT`, `MAX_CONNECTIONS`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionSettings {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops
+/// accepting, lets in-flight requests finish for at most `grace`, and
+/// returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    settings: ConnectionSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> io::Result<()> {
+    let (stop_sender, stop) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        // A free slot first: at the cap, new clients wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        // Reap finished connections so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok((stream, _)) => {
+                let router = router.clone();
+                let stop = stop.clone();
+                connections.spawn(async move {
+                    serve_connection(stream, router, settings, stop).await;
+                    drop(slot);
+                });
+            }
+            Err(error) => {
+                // Out of file descriptors or a connection reset before it
+                // was accepted: never fatal. Wait a little when the process
+                // is out of descriptors, so the loop does not spin.
+                drop(slot);
+                if is_resource_exhausted(&error) {
+                    tracing::warn!(event_type = "accept", error = %error, "Cannot accept a connection now");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        event_type = "shutdown",
+        grace_ms = grace.as_millis() as u64,
+        "Shutting down: finishing in-flight requests"
+    );
+    let _ = stop_sender.send(true);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            event_type = "shutdown",
+            "Grace period over: dropping the requests still running"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+fn is_resource_exhausted(error: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// One connection: hyper's HTTP/1.1 with the head and idle timers of this
+/// module watching it.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    settings: ConnectionSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Replies are written whole; no reason to wait for an ACK before
+    // sending the next small write.
+    let _ = stream.set_nodelay(true);
+    let watch = Arc::new(ConnectionWatch::new());
+    let io = TokioIo::new(WatchedIo {
+        inner: stream,
+        watch: watch.clone(),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // The head timer of this module replaces hyper's (see above).
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let service = ConnectionService {
+        router,
+        watch: watch.clone(),
+    };
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        let deadline = watch.deadline(&settings);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = sleep_until(deadline) => {
+                if watch.deadline(&settings).is_some_and(|deadline| deadline <= Instant::now()) {
+                    // Dropping the connection closes the socket.
+                    return;
+                }
+            }
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() || *stop.borrow() {
+                    stopping = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the timers of one connection need to know, shared by its IO (bytes
+/// read) and its service (requests begun and ended).
+struct ConnectionWatch {
+    state: Mutex<WatchState>,
+    /// Requests inside the router now (at most one without pipelining).
+    busy: AtomicU32,
+    /// The head being read carries both `Content-Length` and
+    /// `Transfer-Encoding`.
+    conflicting_lengths: AtomicBool,
+}
+
+struct WatchState {
+    /// Since when the connection has been waiting for a request: its start,
+    /// or the end of its last request.
+    waiting_since: Instant,
+    /// Whether any request has been served (a new connection waits for its
+    /// first head under the head timeout; an idle one under the idle
+    /// timeout).
+    served: bool,
+    /// When the first byte of the next head arrived.
+    head_started: Option<Instant>,
+    scanner: HeadScanner,
+}
+
+impl ConnectionWatch {
+    fn new() -> ConnectionWatch {
+        ConnectionWatch {
+            state: Mutex::new(WatchState {
+                waiting_since: Instant::now(),
+                served: false,
+                head_started: None,
+                scanner: HeadScanner::default(),
+            }),
+            busy: AtomicU32::new(0),
+            conflicting_lengths: AtomicBool::new(false),
+        }
+    }
+
+    /// When the connection is to be closed unless something happens; `None`
+    /// while a request runs (the handler bounds its own time).
+    fn deadline(&self, settings: &ConnectionSettings) -> Option<Instant> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(match state.head_started {
+            Some(started) => started + settings.header_timeout,
+            None if state.served => state.waiting_since + settings.idle_timeout,
+            None => state.waiting_since + settings.header_timeout,
+        })
+    }
+
+    fn bytes_read(&self, bytes: &[u8]) {
+        if bytes.is_empty() || self.busy.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.head_started.is_none() {
+            state.head_started = Some(Instant::now());
+        }
+        if state.scanner.feed(bytes) {
+            self.conflicting_lengths.store(true, Ordering::Release);
+        }
+    }
+
+    /// A request reached the service: whether its head had both lengths.
+    fn begin(&self) -> bool {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        self.conflicting_lengths.swap(false, Ordering::AcqRel)
+    }
+
+    fn end(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.waiting_since = Instant::now();
+        state.served = true;
+        state.head_started = None;
+        state.scanner = HeadScanner::default();
+        drop(state);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Finds `Content-Length` and `Transfer-Encoding` among the header lines of
+/// one head, as its bytes arrive; stops at the blank line that ends it.
+#[derive(Default)]
+struct HeadScanner {
+    /// The current line, up to the length of the longest name looked for.
+    line: Vec<u8>,
+    content_length: bool,
+    transfer_encoding: bool,
+    /// The last line was empty so far (a blank line ends the head).
+    line_is_empty: bool,
+    done: bool,
+    seen: usize,
+}
+
+impl HeadScanner {
+    /// Room for the longest name looked for, its colon and some blanks.
+    const NAME_PREFIX: usize = 32;
+
+    /// Feeds bytes; true once the head holds both headers.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            if self.done {
+                break;
+            }
+            self.seen += 1;
+            if self.seen > MAX_HEAD_BYTES {
+                self.done = true;
+                break;
+            }
+            match byte {
+                b'\n' => {
+                    if self.line_is_empty && self.seen > 2 {
+                        self.done = true;
+                    }
+                    self.line.clear();
+                    self.line_is_empty = true;
+                }
+                b'\r' => {}
+                _ => {
+                    self.line_is_empty = false;
+                    if self.line.len() < Self::NAME_PREFIX {
+                        self.line.push(byte.to_ascii_lowercase());
+                        if self.line.ends_with(b":") {
+                            let name = self.line[..self.line.len() - 1].trim_ascii();
+                            match name {
+                                b"content-length" => self.content_length = true,
+                                b"transfer-encoding" => self.transfer_encoding = true,
+                                _ => {}
+                            }
+                            // Past the name: the rest of the line is its value.
+                            self.line.resize(Self::NAME_PREFIX, b' ');
+                        }
+                    }
+                }
+            }
+        }
+        self.content_length && self.transfer_encoding
+    }
+}
+
+/// The socket, telling the watch what it reads.
+struct WatchedIo {
+    inner: TcpStream,
+    watch: Arc<ConnectionWatch>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.watch.bytes_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The router as hyper's service for one connection.
+struct ConnectionService {
+    router: Router,
+    watch: Arc<ConnectionWatch>,
+}
+
+/// Ends the request for the watch when the response is ready or the request
+/// is dropped.
+struct RequestGuard(Arc<ConnectionWatch>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let conflicting = self.watch.begin();
+        let guard = RequestGuard(self.watch.clone());
+        if conflicting {
+            drop(guard);
+            return Box::pin(std::future::ready(Ok(conflicting_lengths())));
+        }
+        let mut router = self.router.clone();
+        Box::pin(async move {
+            let response = tower_service::Service::call(&mut router, request.map(Body::new)).await;
+            drop(guard);
+            response
+        })
+    }
+}
+
+/// 400 for a head with both `Content-Length` and `Transfer-Encoding`; the
+/// connection is closed after it.
+fn conflicting_lengths() -> Response {
+    super::ApiError {
+        close_connection: true,
+        ..super::ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a request may not carry both `Content-Length` and `Transfer-Encoding`",
+        )
+    }
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(head: &[u8]) -> bool {
+        HeadScanner::default().feed(head)
+    }
+
+    #[test]
+    fn both_lengths_are_found_in_any_case_and_any_split() {
+        let head = b"POST /orchestrate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTRANSFER-encoding : chunked\r\n\r\n";
+        assert!(scan(head));
+        for split in 1..head.len() {
+            let mut scanner = HeadScanner::default();
+            let first = scanner.feed(&head[..split]);
+            let second = scanner.feed(&head[split..]);
+            assert!(first || second, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn one_length_or_names_in_values_or_bodies_are_not_flagged() {
+        assert!(!scan(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
+        assert!(!scan(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!scan(
+            b"POST / HTTP/1.1\r\nX-Note: transfer-encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        ));
+        assert!(!scan(
+            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+    }
+}
