@@ -177,6 +177,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/orchestrate", post(orchestrate))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
@@ -191,6 +192,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/orchestrate" => "/orchestrate",
         "/health" => "/health",
         "/metrics" => "/metrics",
+        "/openapi.json" => "/openapi.json",
         _ => "unmatched",
     }
 }
@@ -400,7 +402,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; use POST /orchestrate or GET /health",
+        "no such route; use POST /orchestrate, GET /health, GET /metrics or GET /openapi.json",
     )
 }
 
@@ -862,6 +864,22 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
     });
     axum::Json(body).into_response()
+}
+
+/// The OpenAPI document of the HTTP surface (`docs/openapi.json`, kept
+/// true by the tests).
+pub const OPENAPI_DOCUMENT: &str = include_str!("../docs/openapi.json");
+
+/// `GET /openapi.json`.
+async fn openapi_document() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_DOCUMENT,
+    )
+        .into_response()
 }
 
 /// A rate as `/health` shows it.

@@ -12,6 +12,7 @@ mod edge;
 mod hardened_http;
 mod llm_classifier;
 mod observability;
+mod openapi;
 mod request_fields;
 mod requests;
 mod routes;
