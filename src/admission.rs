@@ -30,6 +30,9 @@ pub const MAX_USER_BUCKETS: u64 = 100_000;
 /// Most caller names with a bucket (declared keys, plus `anonymous`).
 const MAX_KEY_BUCKETS: u64 = 10_000;
 
+/// Longest bucket key kept as it is; a longer one is kept as its SHA-256.
+const MAX_KEY_BYTES: usize = 64;
+
 /// The caller name of requests when the project declares no key.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -181,9 +184,15 @@ impl AdmissionControl {
         if current.limits == *limits {
             return current;
         }
-        let fresh = Arc::new(Admission::new(*limits));
-        self.current.store(fresh.clone());
-        fresh
+        // Requests racing on a reload agree on one new admission.
+        self.current.rcu(|current| {
+            if current.limits == *limits {
+                current.clone()
+            } else {
+                Arc::new(Admission::new(*limits))
+            }
+        });
+        self.current.load_full()
     }
 }
 
@@ -217,6 +226,15 @@ impl Buckets {
     }
 
     fn check(&self, key: &str) -> Result<(), Refusal> {
+        // A long key (a `user_id` of a project without a request schema)
+        // is kept as its digest: an entry's size is bounded too.
+        let digest;
+        let key = if key.len() > MAX_KEY_BYTES {
+            digest = crate::project::SecretDigest::of(key).hex();
+            digest.as_str()
+        } else {
+            key
+        };
         let limiter = self.limiters.get_with_by_ref(key, || {
             Arc::new(RateLimiter::direct_with_clock(
                 self.quota,

@@ -425,6 +425,11 @@ impl SecretDigest {
         SecretDigest(sha2::Sha256::digest(secret.as_bytes()).into())
     }
 
+    /// The digest in hexadecimal (for keys, never shown).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
     /// Compares in constant time.
     pub fn matches(&self, other: &SecretDigest) -> bool {
         use subtle::ConstantTimeEq;

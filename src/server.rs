@@ -509,10 +509,11 @@ async fn orchestrate(State(state): State<Arc<AppState>>, request: Request) -> Re
     response
 }
 
-/// Admission, then the turn: the caller key (401), its rate (429), room in
-/// the process (503), the body (400/413/415/422), the key's channels (403),
-/// the user's rate (429). What costs nothing comes first, so a flood of
-/// unauthenticated or over-limit requests never reaches the body parser.
+/// Admission, then the turn: the caller key (401), its rate (429), the body
+/// (400/408/413/415/422), the key's channels (403), the user's rate (429),
+/// room among the turns in flight (503). What costs nothing comes first, so
+/// a flood of unauthenticated or over-limit requests never reaches the body
+/// parser.
 async fn run_orchestrate(
     state: &AppState,
     request: Request,
@@ -531,7 +532,6 @@ async fn run_orchestrate(
     admission
         .check_key(caller.name())
         .map_err(ApiError::refused)?;
-    let _in_flight = admission.enter().map_err(ApiError::refused)?;
     let headers = request.headers().clone();
     // One deadline for the whole request: a body dripped in slowly leaves
     // the turn less time, never more.
@@ -560,6 +560,10 @@ async fn run_orchestrate(
     admission
         .check_user(&request.user_id)
         .map_err(ApiError::refused)?;
+    // A place among the turns in flight, taken once the body is in: a slow
+    // upload holds a connection (bounded by MAX_CONNECTIONS and the
+    // request timeout), never a turn's place.
+    let _in_flight = admission.enter().map_err(ApiError::refused)?;
     span.record("trace_id", request.trace_id.as_str());
     span.record("session_id", request.session_id.as_str());
     span.record("user_id", request.user_id.as_str());

@@ -70,14 +70,21 @@ pub struct ServiceError {
     pub status: Option<u16>,
     /// Whether another attempt could succeed.
     pub retryable: bool,
+    /// The request's deadline, not the service, ended the call (or left no
+    /// time to make it): it says nothing about the service's health.
+    pub cut_by_deadline: bool,
 }
 
 impl ServiceError {
     /// Whether the failure says the service is unwell, for its circuit
-    /// breaker: timeouts, refused connections, 5xx and 429 answers, answers
-    /// that are not JSON or break the schema. Other 4xx answers are about
-    /// the request, not the service.
+    /// breaker: timeouts of its own, refused connections, 5xx and 429
+    /// answers, answers that are not JSON or break the schema. Other 4xx
+    /// answers are about the request, and a call cut by the request's
+    /// deadline (a slow client, an earlier slow call) about the turn.
     pub fn counts_against_service(&self) -> bool {
+        if self.cut_by_deadline {
+            return false;
+        }
         match self.code {
             ServiceErrorCode::ServiceHttpError => self
                 .status
@@ -93,6 +100,7 @@ impl ServiceError {
             message: message.into(),
             status: None,
             retryable: false,
+            cut_by_deadline: false,
         }
     }
 }
@@ -626,11 +634,13 @@ pub async fn call(
         }
     };
     if let Some(ticket) = ticket {
-        let failed = result
-            .as_ref()
-            .err()
-            .is_some_and(ServiceError::counts_against_service);
-        ticket.finish(failed, Instant::now());
+        match &result {
+            Ok(_) => ticket.finish(false, Instant::now()),
+            // Cut by the request's deadline: neither a success nor a
+            // failure of the service (a probe frees its place).
+            Err(error) if error.cut_by_deadline => drop(ticket),
+            Err(error) => ticket.finish(error.counts_against_service(), Instant::now()),
+        }
     }
     let status = *last_status
         .lock()
@@ -707,6 +717,7 @@ fn timeout_error(service: &Service, deadline: bool) -> ServiceError {
         },
         status: None,
         retryable: !deadline,
+        cut_by_deadline: deadline,
     }
 }
 
@@ -722,6 +733,7 @@ fn transport_error(
             message: format!("cannot connect to service `{}`: {reason}", service.name),
             status: None,
             retryable: true,
+            cut_by_deadline: false,
         },
         TransportError::Io(reason) => ServiceError {
             code: ServiceErrorCode::ServiceUnavailable,
@@ -731,6 +743,7 @@ fn transport_error(
             ),
             status: None,
             retryable: true,
+            cut_by_deadline: false,
         },
         TransportError::InvalidRequest(reason) => ServiceError::new(
             ServiceErrorCode::ServiceUnavailable,
@@ -766,6 +779,7 @@ fn interpret(
             message: format!("service `{}` answered HTTP {status}", service.name),
             status: Some(status),
             retryable: matches!(status, 429 | 500 | 502 | 503 | 504),
+            cut_by_deadline: false,
         });
     }
     let mut value = parse_json(&body).map_err(|error| ServiceError {

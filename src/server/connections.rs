@@ -180,6 +180,8 @@ async fn serve_connection(
                     return;
                 }
             }
+            // The deadline moved: take the new one.
+            () = watch.changed.notified() => {}
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() || *stop.borrow() {
                     stopping = true;
@@ -206,6 +208,10 @@ struct ConnectionWatch {
     /// The head being read carries both `Content-Length` and
     /// `Transfer-Encoding`.
     conflicting_lengths: AtomicBool,
+    /// Woken when the deadline moves: a request begins or ends, a head
+    /// starts. (A stored permit: a change while the task is busy is not
+    /// lost.)
+    changed: tokio::sync::Notify,
 }
 
 struct WatchState {
@@ -232,6 +238,7 @@ impl ConnectionWatch {
             }),
             busy: AtomicU32::new(0),
             conflicting_lengths: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -256,6 +263,7 @@ impl ConnectionWatch {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.head_started.is_none() {
             state.head_started = Some(Instant::now());
+            self.changed.notify_one();
         }
         if state.scanner.feed(bytes) {
             self.conflicting_lengths.store(true, Ordering::Release);
@@ -265,6 +273,7 @@ impl ConnectionWatch {
     /// A request reached the service: whether its head had both lengths.
     fn begin(&self) -> bool {
         self.busy.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
         self.conflicting_lengths.swap(false, Ordering::AcqRel)
     }
 
@@ -276,6 +285,7 @@ impl ConnectionWatch {
         state.scanner = HeadScanner::default();
         drop(state);
         self.busy.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 }
 
@@ -283,12 +293,13 @@ impl ConnectionWatch {
 /// one head, as its bytes arrive; stops at the blank line that ends it.
 #[derive(Default)]
 struct HeadScanner {
-    /// The current line, up to the length of the longest name looked for.
+    /// The current line, up to `NAME_PREFIX` bytes.
     line: Vec<u8>,
     content_length: bool,
     transfer_encoding: bool,
-    /// The last line was empty so far (a blank line ends the head).
-    line_is_empty: bool,
+    /// Lines with content so far: blank lines before the request line
+    /// (which parsers skip) do not end the head.
+    lines: usize,
     done: bool,
     seen: usize,
 }
@@ -310,15 +321,16 @@ impl HeadScanner {
             }
             match byte {
                 b'\n' => {
-                    if self.line_is_empty && self.seen > 2 {
+                    // A blank line after the request line ends the head.
+                    if !self.line.is_empty() {
+                        self.lines += 1;
+                    } else if self.lines > 0 {
                         self.done = true;
                     }
                     self.line.clear();
-                    self.line_is_empty = true;
                 }
                 b'\r' => {}
                 _ => {
-                    self.line_is_empty = false;
                     if self.line.len() < Self::NAME_PREFIX {
                         self.line.push(byte.to_ascii_lowercase());
                         if self.line.ends_with(b":") {
@@ -472,6 +484,13 @@ mod tests {
         ));
         assert!(!scan(
             b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn blank_lines_before_the_request_line_do_not_end_the_head() {
+        assert!(scan(
+            b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
         ));
     }
 }

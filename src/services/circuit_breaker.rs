@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -231,7 +232,11 @@ impl Drop for Ticket {
 fn open(state: &mut Breaker, service: &str, policy: CircuitBreakerPolicy, now: Instant) {
     state.state = CircuitState::Open;
     state.failures = 0;
-    state.open_until = Some(now + policy.open_for);
+    // A duration too large for the clock opens it for good, never panics.
+    state.open_until = Some(
+        now.checked_add(policy.open_for)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600)),
+    );
     gauge(service, CircuitState::Open);
 }
 
@@ -242,8 +247,6 @@ fn gauge(service: &str, state: CircuitState) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     const POLICY: CircuitBreakerPolicy = CircuitBreakerPolicy {

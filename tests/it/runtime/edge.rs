@@ -229,7 +229,7 @@ async fn a_caller_key_over_its_rate_is_limited_before_its_body_is_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_in_flight_a_turn_is_refused_at_once() {
     // The menu service holds every call until released.
-    let release = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
     let arrived = Arc::new(AtomicUsize::new(0));
     let stub = Stub::start({
         let release = release.clone();
@@ -239,7 +239,7 @@ async fn past_max_in_flight_a_turn_is_refused_at_once() {
             let arrived = arrived.clone();
             async move {
                 arrived.fetch_add(1, Ordering::SeqCst);
-                release.notified().await;
+                let _released = release.acquire().await.unwrap();
                 json_response(200, menu_mock())
             }
         }
@@ -284,7 +284,7 @@ async fn past_max_in_flight_a_turn_is_refused_at_once() {
         .await;
     assert_eq!(health.body["limits"]["in_flight"], 2, "{:#}", health.body);
 
-    release.notify_waiters();
+    release.add_permits(2);
     for turn in running {
         let answer = turn.await.unwrap();
         assert_eq!(answer.status, StatusCode::OK, "{:#}", answer.body);
@@ -318,7 +318,7 @@ async fn a_service_failing_five_times_opens_its_circuit_then_a_probe_closes_it()
     let project = project_copy_with("services.yaml", |text| {
         text.replace(
             "circuit_breaker: { failures: 5, open_for: 30s }",
-            "circuit_breaker: { failures: 5, open_for: 1s }",
+            "circuit_breaker: { failures: 5, open_for: 4s }",
         )
     });
     let harness = Harness::new(HarnessOptions {
@@ -375,4 +375,31 @@ async fn a_service_failing_five_times_opens_its_circuit_then_a_probe_closes_it()
     assert_eq!(stub.received().len(), calls + 1, "one probe, then closed");
     let envelope = harness.turn(menu()).await;
     assert_eq!(envelope["decision"], "reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cut_by_the_request_deadline_do_not_open_the_circuit() {
+    // The service is fine but slower than the whole request may take.
+    let stub = Stub::start(|_, _| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        json_response(200, menu_mock())
+    })
+    .await;
+    let harness = Harness::new(HarnessOptions {
+        variables: vec![("MENU_SERVICE_URL", stub.url())],
+        request_timeout: Duration::from_millis(200),
+        ..HarnessOptions::default()
+    });
+    for _ in 0..7 {
+        let envelope = harness
+            .turn(turn_request("Can you read me the menu?"))
+            .await;
+        assert_eq!(envelope["service_spans"][0]["error"], "service_timeout");
+    }
+    // Every turn called the service: the deadline's cuts are not its failures.
+    assert_eq!(stub.received().len(), 7);
+    assert_eq!(
+        harness.state.breakers.state("menu"),
+        mcp_orchestrator::services::CircuitState::Closed
+    );
 }

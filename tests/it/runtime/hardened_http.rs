@@ -323,3 +323,24 @@ async fn past_max_connections_a_new_one_waits_and_the_open_ones_are_served() {
     drop(open.pop());
     assert_eq!(read_response(&mut waiting).await.0, 200);
 }
+
+#[tokio::test]
+async fn a_request_running_past_the_head_deadline_still_leaves_an_idle_timeout() {
+    let server = start(&[("HEADER_TIMEOUT", "1s"), ("IDLE_TIMEOUT", "2s")]);
+    let mut stream = connect(&server).await;
+    // The head at once, the body over about two seconds: the request runs
+    // past the head deadline of the connection's start.
+    let request = orchestrate_request(MENU);
+    let (head, body) = request.split_at(request.find("\r\n\r\n").unwrap() + 4);
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.as_bytes().chunks(body.len() / 4 + 1) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stream.write_all(chunk).await.unwrap();
+    }
+    let (status, _, answer) = read_response(&mut stream).await;
+    assert_eq!(status, 200, "{answer}");
+    let (after, read) = until_closed(&mut stream).await;
+    assert!(read.is_empty());
+    assert!(after >= Duration::from_millis(1900), "{after:?}");
+    assert!(after < Duration::from_secs(20), "{after:?}");
+}
