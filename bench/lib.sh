@@ -67,9 +67,13 @@ stop_nginx() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
 }
 
+# The caller key every measured request carries, as a production channel's
+# would (the example project declares caller keys).
+bench_key=bench-web-app-key-0123456789abcdef
+
 # Sets the array service_env: the environment of `serve` in production
-# mode with every service on the nginx upstream, and no HTTP proxy (which
-# would put service calls on the proxied path); use as
+# mode with every service on the nginx upstream, the caller keys set, and no
+# HTTP proxy (which would put service calls on the proxied path); use as
 # env "${service_env[@]}" PORT=... cmd
 set_service_environment() {
   local upstream="http://127.0.0.1:$upstream_port"
@@ -78,6 +82,7 @@ set_service_environment() {
     # Every request is one user's: lift that user's rate limit (the caller
     # key's and the in-flight cap stay as shipped).
     PER_USER_RATE=1000000/s
+    "WEB_APP_API_KEY=$bench_key" PARTNER_API_KEY=bench-partner-key-0123456789abcdef
     "MENU_SERVICE_URL=$upstream/menu" "ORDER_SERVICE_URL=$upstream/order"
     "RECOMMEND_SERVICE_URL=$upstream/recommend" "TRACKING_SERVICE_URL=$upstream/tracking"
     "PROFILE_SERVICE_URL=$upstream/profile")
@@ -100,10 +105,12 @@ wait_ready() { # port log [tries]
   return 1
 }
 
-# wrk scripts POSTing the menu request and the fallback request.
+# wrk scripts POSTing the menu request and the fallback request, with the
+# caller key (nginx ignores it).
 write_wrk_scripts() {
   local body_menu='{"text":"Can you read me the menu?","user_id":"bench"}'
   local body_fallback='{"text":"this is nice","user_id":"bench"}'
-  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' "'$body_menu'" > "$work/menu.lua"
-  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\n' "'$body_fallback'" > "$work/fallback.lua"
+  local script='wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer %s"\n'
+  printf "$script" "'$body_menu'" "$bench_key" > "$work/menu.lua"
+  printf "$script" "'$body_fallback'" "$bench_key" > "$work/fallback.lua"
 }
