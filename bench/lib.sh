@@ -79,9 +79,10 @@ set_service_environment() {
   local upstream="http://127.0.0.1:$upstream_port"
   service_env=(-u HTTPS_PROXY -u https_proxy -u HTTP_PROXY -u http_proxy -u ALL_PROXY -u all_proxy
     MCP_ENV=production LOG_LEVEL=warn LOG_FORMAT=json "MCP_PROJECT_DIR=$root"
-    # Every request is one user's: lift that user's rate limit (the caller
-    # key's and the in-flight cap stay as shipped).
-    PER_USER_RATE=1000000/s
+    # Every request is one user's and one key's: lift their rates (still
+    # checked on every request, as in production; the in-flight cap stays
+    # as shipped).
+    PER_USER_RATE=1000000/s PER_KEY_RATE=1000000/s
     "WEB_APP_API_KEY=$bench_key" PARTNER_API_KEY=bench-partner-key-0123456789abcdef
     "MENU_SERVICE_URL=$upstream/menu" "ORDER_SERVICE_URL=$upstream/order"
     "RECOMMEND_SERVICE_URL=$upstream/recommend" "TRACKING_SERVICE_URL=$upstream/tracking"
