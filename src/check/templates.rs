@@ -124,15 +124,8 @@ impl Checker<'_> {
     ) {
         let located = error
             .range()
-            .filter(|range| range.start < source.len())
-            .and_then(|range| {
-                let needle_end = source[range.start..]
-                    .find('\n')
-                    .map_or(source.len(), |offset| range.start + offset)
-                    .min(range.end.max(range.start + 1))
-                    .min(source.len());
-                self.find_in_source(file, position, &source[range.start..needle_end])
-            });
+            .and_then(|range| error_excerpt(source, range))
+            .and_then(|excerpt| self.find_in_source(file, position, excerpt));
         let detail = error
             .detail()
             .map(str::to_owned)
@@ -370,4 +363,39 @@ impl Checker<'_> {
 
 fn candidates(names: &[&str]) -> Vec<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
+}
+
+/// The text of `source` an error's byte range points at, up to the end of
+/// its line: `None` when the range is not inside the source or not on
+/// character boundaries (minijinja's ranges are bytes; a multi-byte
+/// character may straddle them).
+fn error_excerpt(source: &str, range: std::ops::Range<usize>) -> Option<&str> {
+    let start = range.start;
+    let line_end = source
+        .get(start..)?
+        .find('\n')
+        .map_or(source.len(), |offset| start + offset);
+    let mut end = line_end.min(range.end.max(start + 1)).min(source.len());
+    while !source.is_char_boundary(end) {
+        end += 1;
+    }
+    source.get(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_excerpt;
+
+    #[test]
+    fn an_excerpt_never_cuts_a_character() {
+        let source = "or profile.o\u{feff}aml\nnext";
+        // The range ends inside the three bytes of U+FEFF.
+        assert_eq!(error_excerpt(source, 3..13), Some("profile.o\u{feff}"));
+        assert_eq!(error_excerpt(source, 13..14), None);
+        assert_eq!(
+            error_excerpt(source, 0..99),
+            Some("or profile.o\u{feff}aml")
+        );
+        assert_eq!(error_excerpt(source, 99..100), None);
+    }
 }

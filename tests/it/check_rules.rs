@@ -292,3 +292,51 @@ fn limits_and_circuit_breakers_are_checked() {
     assert_eq!(project.services[0].circuit_breaker.unwrap().failures, 5);
     assert_eq!(project.services[1].circuit_breaker.unwrap().failures, 2);
 }
+
+/// Inputs the fuzzers found crashes with (`tests/fixtures/fuzz/`), run the
+/// way the `check_project` target runs them: each is checked without a
+/// panic, and a project comes out exactly when there is no error.
+#[test]
+fn fuzz_findings_are_checked_without_panicking() {
+    use mcp_orchestrator::check::compile;
+    use mcp_orchestrator::diagnostic::Sources;
+    use mcp_orchestrator::load::{LoadedFile, LoadedProject, parse_flow_file};
+
+    let dir = crate::fixtures_dir().join("fuzz");
+    let mut checked_any = false;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("check_project-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let relative = std::path::PathBuf::from("flows/fuzz.yaml");
+        let parsed = parse_flow_file(&relative, &text, &test_environment());
+        let mut sources = Sources::default();
+        sources.insert(relative.clone(), text.clone());
+        let checked = compile(LoadedProject {
+            dir: crate::repository_root(),
+            files: vec![LoadedFile {
+                path: relative,
+                spec: parsed.spec,
+            }],
+            sources,
+            diagnostics: parsed.diagnostics,
+            unparsed_names: parsed.unparsed_names.into_iter().collect(),
+            complete: parsed.complete,
+        });
+        assert_eq!(
+            checked.project.is_some(),
+            checked.error_count() == 0,
+            "{name}"
+        );
+        assert!(
+            checked.error_count() > 0,
+            "{name}: {:#?}",
+            checked.diagnostics
+        );
+        checked_any = true;
+    }
+    assert!(checked_any);
+}
