@@ -699,7 +699,7 @@ pub fn turn_request(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "/trace_id",
                 format!(
-                    "`trace_id` must be at most {MAX_TRACE_ID_LENGTH} bytes, without control characters"
+                    "`trace_id` must be at most {MAX_TRACE_ID_LENGTH} characters, without control characters"
                 ),
             ));
         }
@@ -724,9 +724,12 @@ pub fn turn_request(
 /// Longest `trace_id` accepted.
 pub const MAX_TRACE_ID_LENGTH: usize = 128;
 
-/// Whether a value can travel as an HTTP header value.
+/// Whether a trace id is acceptable: at most `MAX_TRACE_ID_LENGTH`
+/// characters, none of them a control character (what the request schema
+/// says too). One that is not printable ASCII travels in bodies but not as
+/// the `x-trace-id` header.
 fn is_header_safe(value: &str) -> bool {
-    value.len() <= MAX_TRACE_ID_LENGTH && !value.chars().any(char::is_control)
+    value.chars().count() <= MAX_TRACE_ID_LENGTH && !value.chars().any(char::is_control)
 }
 
 fn required_string(body: &serde_json::Map<String, Json>, field: &str) -> Result<String, ApiError> {

@@ -323,3 +323,31 @@ async fn health_describes_the_deployment() {
         .await;
     assert_eq!(answer.body["sessions"], 1);
 }
+
+#[tokio::test]
+async fn a_trace_id_has_at_most_128_characters_and_no_control_character_as_the_schema_says() {
+    let harness = Harness::shipped();
+    for (trace_id, status) in [
+        ("a".repeat(128), StatusCode::OK),
+        ("é".repeat(128), StatusCode::OK),
+        ("a".repeat(129), StatusCode::UNPROCESSABLE_ENTITY),
+        ("trace\u{7}".to_owned(), StatusCode::UNPROCESSABLE_ENTITY),
+        ("trace\u{85}".to_owned(), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let answer = harness
+            .orchestrate(json!({"text": "hello", "user_id": "u-1", "trace_id": trace_id}))
+            .await;
+        assert_eq!(answer.status, status, "{trace_id:?}: {:#}", answer.body);
+        if status != StatusCode::OK {
+            assert_eq!(answer.body["pointer"], "/trace_id");
+        }
+    }
+    // Without the project's request schema, the envelope rule says the same.
+    let body = serde_json::Map::from_iter([
+        ("text".to_owned(), json!("hello")),
+        ("user_id".to_owned(), json!("u-1")),
+        ("trace_id".to_owned(), json!("é".repeat(129))),
+    ]);
+    let refused = mcp_orchestrator::server::turn_request(body, &axum::http::HeaderMap::new());
+    assert_eq!(refused.unwrap_err().pointer.as_deref(), Some("/trace_id"));
+}
