@@ -532,7 +532,12 @@ async fn run_orchestrate(
     admission
         .check_key(caller.name())
         .map_err(ApiError::refused)?;
-    let headers = request.headers().clone();
+    // The body extractor takes the request; of its headers the turn needs
+    // only `traceparent` (no copy of the whole map per request).
+    let mut headers = HeaderMap::new();
+    if let Some(traceparent) = request.headers().get("traceparent") {
+        headers.insert("traceparent", traceparent.clone());
+    }
     // One deadline for the whole request: a body dripped in slowly leaves
     // the turn less time, never more.
     let deadline = tokio::time::Instant::now() + state.settings.request_timeout;

@@ -170,11 +170,17 @@ async fn serve_connection(
     if stopping {
         connection.as_mut().graceful_shutdown();
     }
+    // One timer for the connection, moved to each new deadline.
+    let timer = tokio::time::sleep_until(Instant::now() + settings.idle_timeout);
+    tokio::pin!(timer);
     loop {
         let deadline = watch.deadline(&settings);
+        if let Some(deadline) = deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             _ = connection.as_mut() => return,
-            () = sleep_until(deadline) => {
+            () = &mut timer, if deadline.is_some() => {
                 if watch.deadline(&settings).is_some_and(|deadline| deadline <= Instant::now()) {
                     // Dropping the connection closes the socket.
                     return;
@@ -189,13 +195,6 @@ async fn serve_connection(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
