@@ -17,10 +17,12 @@
 //! - `schemas`: JSON Schema files, paths into them, sensitive properties;
 //! - `flows`: flows, their triggers and steps, the scope of each step, and
 //!   the project defaults;
+//! - `channels`: messaging platforms' webhooks, their secrets and mappings;
 //! - `templates`: templates, expressions and values, and the variables they
 //!   read.
 
 mod access;
+mod channels;
 mod flows;
 mod intents;
 mod names;
@@ -175,6 +177,7 @@ impl<'a> Checker<'a> {
         let defaults = self.single(files, "defaults", |file| file.defaults.as_ref());
         let access = self.single(files, "access", |file| file.access.as_ref());
         let limits = self.single(files, "limits", |file| file.limits.as_ref());
+        let channels = self.collect(files, "channel", |file| &file.channels);
         for file in files {
             for name in &file.spec.redact {
                 self.redact.insert(name.value.clone());
@@ -224,6 +227,7 @@ impl<'a> Checker<'a> {
         let defaults = self.compile_defaults(defaults);
         let access = self.compile_access(access);
         let limits = self.compile_limits(limits);
+        let channels = self.compile_channels(&channels, &service_ids);
         let request_schema = self.request_schema();
         let content_hash = load::content_hash(&self.hashed_files);
         let source_files = self.hashed_files.keys().cloned().collect();
@@ -262,6 +266,7 @@ impl<'a> Checker<'a> {
             routes: std::mem::take(&mut self.routes),
             access: access?,
             limits: limits?,
+            channels: channels?,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! See `ARCHITECTURE.md` for the map of modules and their invariants.
 
 pub mod admission;
+pub mod channels;
 pub mod check;
 pub mod diagnostic;
 pub mod engine;

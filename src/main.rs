@@ -401,6 +401,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             reload: std::sync::Mutex::new(Default::default()),
             admission: Default::default(),
             breakers: Default::default(),
+            channels: Default::default(),
         });
         let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
         let _watch = reloader.watch()?;
@@ -410,7 +411,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         let served = async {
             let listener = tokio::net::TcpListener::bind(address).await?;
             tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
-            server::serve(listener, state, shutdown_signal(), args.shutdown_grace).await?;
+            server::serve(listener, state.clone(), shutdown_signal(), args.shutdown_grace).await?;
+            // Messages already acknowledged to a platform get their reply
+            // within the grace period.
+            if !state.channels.drain(args.shutdown_grace).await {
+                tracing::warn!(
+                    event_type = "shutdown",
+                    queued = state.channels.queue_depth(),
+                    "Some channel messages were acknowledged and not answered"
+                );
+            }
             tracing::info!(event_type = "shutdown", "Stopped");
             anyhow::Ok(())
         }

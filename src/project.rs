@@ -55,6 +55,8 @@ pub struct CompiledProject {
     pub access: Access,
     /// Rate limits and the in-flight cap (`limits:`).
     pub limits: Limits,
+    /// Messaging platforms' webhooks (`channels:`), in file order.
+    pub channels: Vec<Channel>,
 }
 
 impl CompiledProject {
@@ -64,6 +66,10 @@ impl CompiledProject {
 
     pub fn service(&self, id: ServiceId) -> &Service {
         &self.services[id.0 as usize]
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&Channel> {
+        self.channels.iter().find(|channel| channel.name == name)
     }
 
     pub fn flow(&self, id: FlowId) -> &Flow {
@@ -479,4 +485,153 @@ impl Rate {
     pub fn replenish_interval(&self) -> Duration {
         self.period / self.count.max(1)
     }
+}
+
+/// A secret that must be used as is (an HMAC key, a token sent to a
+/// platform or to Loki). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([hidden])")
+    }
+}
+
+/// A messaging platform's webhook, compiled from `channels:`.
+#[derive(Debug)]
+pub struct Channel {
+    pub name: String,
+    pub kind: ChannelKind,
+    /// Secrets declared with an empty value (their variable unset): the
+    /// channel is disabled in development and refused in production.
+    pub unset: Vec<UnsetSecret>,
+    /// How replies go out through the platform's API (telegram, slack,
+    /// whatsapp): a service call with its timeout and retries. `None` for
+    /// the kinds that answer in the response.
+    pub delivery: Option<Service>,
+}
+
+impl Channel {
+    /// Whether every secret is set.
+    pub fn enabled(&self) -> bool {
+        self.unset.is_empty()
+    }
+
+    /// Whether the reply goes out after the delivery was acknowledged (the
+    /// turn runs in the background).
+    pub fn replies_later(&self) -> bool {
+        match &self.kind {
+            ChannelKind::Telegram(_) | ChannelKind::Slack(_) | ChannelKind::WhatsApp(_) => true,
+            ChannelKind::Twilio(_) => false,
+            ChannelKind::Webhook(webhook) => matches!(webhook.reply, WebhookReply::Call { .. }),
+        }
+    }
+}
+
+/// A channel secret declared without a value.
+#[derive(Debug, Clone)]
+pub struct UnsetSecret {
+    /// The key, for example `bot_token`.
+    pub key: &'static str,
+    /// The environment variable its value comes from, when known.
+    pub variable: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ChannelKind {
+    Telegram(TelegramChannel),
+    Slack(SlackChannel),
+    WhatsApp(WhatsAppChannel),
+    Twilio(TwilioChannel),
+    Webhook(WebhookChannel),
+}
+
+impl ChannelKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ChannelKind::Telegram(_) => "telegram",
+            ChannelKind::Slack(_) => "slack",
+            ChannelKind::WhatsApp(_) => "whatsapp",
+            ChannelKind::Twilio(_) => "twilio",
+            ChannelKind::Webhook(_) => "webhook",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TelegramChannel {
+    pub secret_token: SecretDigest,
+    pub bot_token: Secret,
+    pub api_url: url::Url,
+}
+
+#[derive(Debug)]
+pub struct SlackChannel {
+    pub signing_secret: Secret,
+    pub bot_token: Secret,
+    pub api_url: url::Url,
+}
+
+#[derive(Debug)]
+pub struct WhatsAppChannel {
+    pub verify_token: SecretDigest,
+    pub app_secret: Secret,
+    pub access_token: Secret,
+    pub api_url: url::Url,
+}
+
+#[derive(Debug)]
+pub struct TwilioChannel {
+    pub auth_token: Secret,
+    pub public_url: String,
+}
+
+#[derive(Debug)]
+pub struct WebhookChannel {
+    pub verify: WebhookVerify,
+    /// The payload's schema, when declared.
+    pub schema: Option<ResponseSchema>,
+    pub text: TemplateId,
+    pub user_id: TemplateId,
+    pub conversation: Option<TemplateId>,
+    pub message_id: Option<TemplateId>,
+    pub when: Option<ExpressionId>,
+    pub reply: WebhookReply,
+}
+
+#[derive(Debug)]
+pub enum WebhookVerify {
+    HmacSha256 {
+        /// Lower-case.
+        header: String,
+        secret: Secret,
+        prefix: String,
+    },
+    Token {
+        /// Lower-case.
+        header: String,
+        value: SecretDigest,
+    },
+}
+
+#[derive(Debug)]
+pub enum WebhookReply {
+    /// The JSON answered to the delivery.
+    Response(ValueTemplate),
+    /// A call to a declared service, after the acknowledgement.
+    Call {
+        service: ServiceId,
+        body: Option<ValueTemplate>,
+    },
 }

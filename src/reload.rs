@@ -78,17 +78,21 @@ pub fn prepare(source: &Source, generation: u64) -> Result<Prepared, PrepareErro
             }
         }
     }
+    // A project that compiled had no error of its own: what production
+    // made errors (unset variables, disabled channels) is reported below
+    // together with the other production rules.
     let project = match project {
-        Some(project) if !diagnostics.iter().any(Diagnostic::is_error) => project,
-        _ => {
+        Some(project) => project,
+        None => {
             return Err(PrepareError {
                 diagnostics,
                 sources,
             });
         }
     };
-    // Production rules about the environment, all reported at once: caller
-    // keys without a value, services without a URL.
+    // Production rules about the environment, all reported at once: unset
+    // variables and channel secrets, caller keys without a value, services
+    // without a URL.
     diagnostics.extend(
         project
             .access

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
 
+mod channels;
 mod connections;
 
 pub use connections::{ConnectionSettings, MAX_HEAD_BYTES};
@@ -169,6 +170,9 @@ pub struct AppState {
     pub admission: AdmissionControl,
     /// Outlives deployments: each service's circuit breaker.
     pub breakers: CircuitBreakers,
+    /// Outlives deployments: the channels' seen deliveries, background
+    /// queue and counters.
+    pub channels: crate::channels::ChannelRuntime,
 }
 
 /// The router, for the server and for in-process tests.
@@ -178,6 +182,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_document))
+        .route(
+            "/channels/{name}",
+            post(channels::deliver).get(channels::handshake),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
@@ -193,6 +201,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/health" => "/health",
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
+        _ if path.starts_with("/channels/") => "/channels",
         _ => "unmatched",
     }
 }
@@ -402,7 +411,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; use POST /orchestrate, GET /health, GET /metrics or GET /openapi.json",
+        "no such route; use POST /orchestrate, POST /channels/{name}, GET /health, GET /metrics or GET /openapi.json",
     )
 }
 
@@ -569,6 +578,42 @@ async fn run_orchestrate(
     // upload holds a connection (bounded by MAX_CONNECTIONS and the
     // request timeout), never a turn's place.
     let _in_flight = admission.enter().map_err(ApiError::refused)?;
+    let outcome = run_logged_turn(state, &deployment, &request, deadline, started).await?;
+    let labels = TurnLabels {
+        route: outcome.route.clone(),
+        intent: outcome.intent.clone(),
+    };
+    let envelope = Envelope {
+        decision: outcome.decision,
+        reply_text: outcome.reply_text,
+        session_id: request.session_id,
+        route: outcome.route,
+        intent: outcome.intent,
+        intent_confidence: outcome.intent_confidence,
+        trace_id: request.trace_id.clone(),
+        service_spans: outcome.service_spans,
+        data: outcome.data,
+    };
+    let mut response = axum::Json(envelope).into_response();
+    if let Ok(value) = HeaderValue::from_str(&request.trace_id) {
+        response.headers_mut().insert("x-trace-id", value);
+    }
+    response.extensions_mut().insert(labels);
+    Ok(response)
+}
+
+/// Runs a turn on `deployment`: records the request's fields on the current
+/// span, logs the `input` and `output` events, and turns a flow's failure
+/// into its 500 answer. `/orchestrate` and the channels share it.
+pub(crate) async fn run_logged_turn(
+    state: &AppState,
+    deployment: &Deployment,
+    request: &TurnRequest,
+    deadline: tokio::time::Instant,
+    started: Instant,
+) -> Result<engine::TurnOutcome, ApiError> {
+    let project = &deployment.project;
+    let span = tracing::Span::current();
     span.record("trace_id", request.trace_id.as_str());
     span.record("session_id", request.session_id.as_str());
     span.record("user_id", request.user_id.as_str());
@@ -591,7 +636,7 @@ async fn run_orchestrate(
         breakers: &state.breakers,
         deadline,
     };
-    let outcome = match engine::run_turn(&deps, &request).await {
+    let outcome = match engine::run_turn(&deps, request).await {
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::error!(
@@ -601,7 +646,7 @@ async fn run_orchestrate(
                 "The flow failed"
             );
             return Err(ApiError {
-                trace_id: Some(request.trace_id),
+                trace_id: Some(request.trace_id.clone()),
                 ..ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "template_error",
@@ -628,27 +673,7 @@ async fn run_orchestrate(
         latency_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0,
         "Turn answered"
     );
-    let labels = TurnLabels {
-        route: outcome.route.clone(),
-        intent: outcome.intent.clone(),
-    };
-    let envelope = Envelope {
-        decision: outcome.decision,
-        reply_text: outcome.reply_text,
-        session_id: request.session_id,
-        route: outcome.route,
-        intent: outcome.intent,
-        intent_confidence: outcome.intent_confidence,
-        trace_id: request.trace_id.clone(),
-        service_spans: outcome.service_spans,
-        data: outcome.data,
-    };
-    let mut response = axum::Json(envelope).into_response();
-    if let Ok(value) = HeaderValue::from_str(&request.trace_id) {
-        response.headers_mut().insert("x-trace-id", value);
-    }
-    response.extensions_mut().insert(labels);
-    Ok(response)
+    Ok(outcome)
 }
 
 /// Checks a request body against the project's request schema, and answers
@@ -865,6 +890,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "max_in_flight": project.limits.max_in_flight,
             "in_flight": admission.in_flight(),
         },
+        "channels": channels_json(&state, project),
         "sessions": state.sessions.session_count(),
         "session_store": session_store,
         "reload": {
@@ -876,6 +902,37 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
     });
     axum::Json(body).into_response()
+}
+
+/// Each declared channel for `/health`: its kind, whether it is enabled,
+/// and its counters since start-up.
+fn channels_json(state: &AppState, project: &CompiledProject) -> Json {
+    use std::sync::atomic::Ordering::Relaxed;
+    Json::Array(
+        project
+            .channels
+            .iter()
+            .map(|channel| {
+                let counters = state.channels.counters(&channel.name);
+                json!({
+                    "name": channel.name,
+                    "kind": channel.kind.as_str(),
+                    "enabled": channel.enabled(),
+                    "unset": channel.unset.iter().map(|unset| unset.variable.clone().unwrap_or_else(|| unset.key.to_owned())).collect::<Vec<_>>(),
+                    "received": counters.received.load(Relaxed),
+                    "verification_failures": counters.verification_failures.load(Relaxed),
+                    "duplicates": counters.duplicates.load(Relaxed),
+                    "ignored": counters.ignored.load(Relaxed),
+                    "rate_limited": counters.rate_limited.load(Relaxed),
+                    "overloaded": counters.overloaded.load(Relaxed),
+                    "turns": counters.turns.load(Relaxed),
+                    "replies": counters.replies.load(Relaxed),
+                    "outbound_failures": counters.outbound_failures.load(Relaxed),
+                    "queue_depth": counters.queue_depth.load(Relaxed),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The OpenAPI document of the HTTP surface (`docs/openapi.json`, kept
@@ -919,6 +976,19 @@ async fn metrics_text(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             metrics::gauge!(prometheus::CIRCUIT_BREAKER_STATE, "service" => service.name.clone())
                 .set(state.breakers.state(&service.name).gauge_value());
         }
+    }
+    // Every declared channel shows, also before its first delivery.
+    for channel in &deployment.project.channels {
+        let counters = state.channels.counters(&channel.name);
+        metrics::gauge!(prometheus::CHANNEL_QUEUE_DEPTH, "channel" => channel.name.clone()).set(
+            counters
+                .queue_depth
+                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+        metrics::counter!(prometheus::CHANNEL_DELIVERIES_TOTAL, "channel" => channel.name.clone(), "outcome" => "accepted")
+            .increment(0);
+        metrics::counter!(prometheus::CHANNEL_REPLIES_TOTAL, "channel" => channel.name.clone(), "outcome" => "ok")
+            .increment(0);
     }
     drop(deployment);
     if let Some(count) = state.sessions.session_count() {

@@ -171,6 +171,19 @@ pub trait SessionStore: Send + Sync {
     /// operation: a store that needs the network to answer waits at most
     /// its operation timeout.
     fn health(&self) -> BoxFuture<'_, SessionStoreHealth>;
+
+    /// Records that the channel delivery `key` was seen, for `ttl`:
+    /// `Some(Ok(true))` the first time. A store shared by replicas (Redis)
+    /// answers for all of them; `None` when the store keeps no such record
+    /// (the caller remembers deliveries itself).
+    fn first_delivery<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Option<Result<bool, SessionError>>> {
+        let _ = (key, ttl);
+        Box::pin(async { None })
+    }
 }
 
 pub fn now_ms() -> u64 {

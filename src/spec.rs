@@ -142,6 +142,10 @@ pub struct FlowFile {
     /// flight.
     #[serde(default)]
     pub limits: Option<Spanned<Limits>>,
+    /// Messaging platforms whose webhooks run turns, by name: served at
+    /// `POST /channels/{name}`.
+    #[serde(default)]
+    pub channels: IndexMap<Name, Channel>,
 }
 
 /// The top-level keys of a flow file, in the order the format reference lists them.
@@ -154,6 +158,7 @@ pub const FLOW_FILE_KEYS: &[&str] = &[
     "defaults",
     "access",
     "limits",
+    "channels",
 ];
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -421,6 +426,118 @@ pub struct RateLimit {
     /// Requests allowed at once after a quiet spell. Default: the `N` of
     /// `rate`.
     pub burst: Option<Spanned<u32>>,
+}
+
+/// A messaging platform's webhook. `kind` says which platform, and so which
+/// other keys belong: secrets come from the environment (`${VAR}`) and are
+/// never logged or shown.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    /// `telegram`, `slack`, `whatsapp` (Meta's WhatsApp Cloud API), `twilio`
+    /// (SMS and WhatsApp through Twilio) or `webhook` (any JSON webhook).
+    pub kind: Name,
+    /// telegram: the `secret_token` given to `setWebhook`, sent back in
+    /// `X-Telegram-Bot-Api-Secret-Token`.
+    pub secret_token: Option<Text>,
+    /// telegram, slack: the bot's token, for sending replies.
+    pub bot_token: Option<Text>,
+    /// slack: the app's signing secret.
+    pub signing_secret: Option<Text>,
+    /// whatsapp: the token Meta sends back when the webhook is subscribed.
+    pub verify_token: Option<Text>,
+    /// whatsapp: the app secret that signs every delivery.
+    pub app_secret: Option<Text>,
+    /// whatsapp: the access token for sending replies.
+    pub access_token: Option<Text>,
+    /// twilio: the account's auth token, which signs every request.
+    pub auth_token: Option<Text>,
+    /// twilio: the exact URL configured in Twilio (it is what Twilio signs).
+    pub public_url: Option<Text>,
+    /// telegram, slack, whatsapp: the platform API's base URL (tests and
+    /// proxies point it elsewhere). Default: the platform's.
+    pub api_url: Option<Text>,
+    /// webhook: how a delivery is verified.
+    pub verify: Option<Spanned<WebhookVerify>>,
+    /// webhook: a JSON Schema file (under `schemas/`) of the payload; the
+    /// request and reply templates' `body.` paths are checked against it,
+    /// and a payload that breaks it is refused.
+    pub schema: Option<Text>,
+    /// webhook: how a payload becomes a turn; strings are templates over
+    /// `body` (the payload).
+    pub request: Option<Spanned<WebhookRequest>>,
+    /// webhook: how the reply goes back, in the response or through a call.
+    pub reply: Option<Spanned<WebhookReply>>,
+    /// Time allowed for one attempt at sending a reply through the
+    /// platform's API, for example `10s`. Default 10s.
+    pub timeout: Option<Text>,
+    /// Attempts at sending a reply through the platform's API. Default 4
+    /// attempts, from 250ms backoff.
+    pub retry: Option<Spanned<Retry>>,
+}
+
+/// How a `webhook` channel verifies a delivery: one of the two.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookVerify {
+    /// An HMAC-SHA256 of the raw body, hex, in a header.
+    pub hmac_sha256: Option<Spanned<HmacVerify>>,
+    /// A shared secret sent as is in a header.
+    pub token: Option<Spanned<TokenVerify>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacVerify {
+    /// The header carrying the signature, for example `X-Signature`.
+    pub header: Name,
+    /// The shared secret (`${PARTNER_SECRET}`).
+    pub secret: Text,
+    /// Text before the hex digest, for example `sha256=`. Default none.
+    pub prefix: Option<Text>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenVerify {
+    /// The header carrying the token.
+    pub header: Name,
+    /// The token (`${PARTNER_TOKEN}`).
+    pub value: Text,
+}
+
+/// A `webhook` payload as a turn: templates over `body`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// The user's text. A payload whose text renders empty is acknowledged
+    /// and not run.
+    pub text: Text,
+    /// The sender; the turn's `user_id` is `<channel>:<this>`.
+    pub user_id: Text,
+    /// The conversation; the turn's `session_id` is `<channel>:<this>`.
+    /// Default: the user.
+    pub conversation: Option<Text>,
+    /// The delivery's id: a delivery seen in the last 24 hours is
+    /// acknowledged and not run again.
+    pub message_id: Option<Text>,
+    /// Runs a turn only when this expression is true (for example
+    /// `body.type == 'message'`); other payloads are acknowledged.
+    pub when: Option<Text>,
+}
+
+/// How a `webhook` channel answers: `response` (synchronous) or `call`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookReply {
+    /// The JSON answered to the delivery, once the turn has run; strings
+    /// are templates.
+    pub response: Option<Spanned<TemplateValue>>,
+    /// A declared service that receives the reply: the delivery is
+    /// acknowledged at once and the turn runs in the background.
+    pub call: Option<Name>,
+    /// The body sent to `call`; strings are templates.
+    pub body: Option<Spanned<TemplateValue>>,
 }
 
 /// Any YAML value whose strings are templates: a call body, reply data, a

@@ -56,48 +56,15 @@ impl Checker<'_> {
         let (url, url_variable) = match &spec.url {
             Some(text) => {
                 let variable = self.variable_at(file, text.position);
-                let trimmed = text.value.trim();
-                if trimmed.is_empty() {
-                    (None, variable)
-                } else {
-                    match url::Url::parse(trimmed) {
-                        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
-                            (Some(url), variable)
-                        }
-                        Ok(url) => {
-                            let location = self.location(file, text, text.value.len());
-                            self.push(
-                                Diagnostic::error(
-                                    Code::InvalidUrl,
-                                    location,
-                                    format!(
-                                        "`{}` is not an http(s) URL (scheme `{}`)",
-                                        trimmed,
-                                        url.scheme()
-                                    ),
-                                )
-                                .with_hint(
-                                    "service URLs look like `http://menu.internal:8080/menu`",
-                                ),
-                            );
-                            ok = false;
-                            (None, variable)
-                        }
-                        Err(error) => {
-                            let location = self.location(file, text, text.value.len());
-                            self.push(
-                                Diagnostic::error(
-                                    Code::InvalidUrl,
-                                    location,
-                                    format!("invalid URL `{trimmed}`: {error}"),
-                                )
-                                .with_hint(
-                                    "service URLs look like `http://menu.internal:8080/menu`",
-                                ),
-                            );
-                            ok = false;
-                            (None, variable)
-                        }
+                match self.http_url(
+                    file,
+                    text,
+                    "service URLs look like `http://menu.internal:8080/menu`",
+                ) {
+                    Ok(url) => (url, variable),
+                    Err(()) => {
+                        ok = false;
+                        (None, variable)
                     }
                 }
             }
@@ -108,29 +75,7 @@ impl Checker<'_> {
             None => Some(project::DEFAULT_SERVICE_TIMEOUT),
         };
         let retry = match &spec.retry {
-            Some(retry) => {
-                let attempts = retry.value.attempts.value;
-                if !(1..=project::MAX_RETRY_ATTEMPTS).contains(&attempts) {
-                    let location = self.location(file, &retry.value.attempts, 1);
-                    self.error(
-                        Code::InvalidValue,
-                        location,
-                        format!(
-                            "`attempts` is {attempts}; it must be between 1 and {}",
-                            project::MAX_RETRY_ATTEMPTS
-                        ),
-                    );
-                    ok = false;
-                }
-                let backoff = match &retry.value.backoff {
-                    Some(text) => self.duration(file, text),
-                    None => Some(project::DEFAULT_RETRY_BACKOFF),
-                };
-                // One attempt is no retry at all.
-                backoff.map(|backoff| {
-                    (attempts > 1).then_some(project::RetryPolicy { attempts, backoff })
-                })
-            }
+            Some(retry) => self.retry_policy(file, retry),
             None => Some(None),
         };
         let (unwrap_first, response_schema) = match &spec.response {
@@ -203,6 +148,63 @@ impl Checker<'_> {
             mock: mock?,
             circuit_breaker: circuit_breaker?,
         })
+    }
+
+    /// An http(s) URL with a host; `Ok(None)` when the text is empty.
+    pub(super) fn http_url(
+        &mut self,
+        file: &Path,
+        text: &spec::Text,
+        example: &str,
+    ) -> Result<Option<url::Url>, ()> {
+        let trimmed = text.value.trim();
+        if trimmed.is_empty() {
+            return Ok(None);
+        }
+        let message = match url::Url::parse(trimmed) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                return Ok(Some(url));
+            }
+            Ok(url) => format!(
+                "`{}` is not an http(s) URL (scheme `{}`)",
+                trimmed,
+                url.scheme()
+            ),
+            Err(error) => format!("invalid URL `{trimmed}`: {error}"),
+        };
+        let location = self.location(file, text, text.value.len());
+        self.push(Diagnostic::error(Code::InvalidUrl, location, message).with_hint(example));
+        Err(())
+    }
+
+    /// `retry:` as a policy; `Some(None)` for a single attempt.
+    pub(super) fn retry_policy(
+        &mut self,
+        file: &Path,
+        retry: &Spanned<spec::Retry>,
+    ) -> Option<Option<project::RetryPolicy>> {
+        let attempts = retry.value.attempts.value;
+        let mut ok = true;
+        if !(1..=project::MAX_RETRY_ATTEMPTS).contains(&attempts) {
+            let location = self.location(file, &retry.value.attempts, 1);
+            self.error(
+                Code::InvalidValue,
+                location,
+                format!(
+                    "`attempts` is {attempts}; it must be between 1 and {}",
+                    project::MAX_RETRY_ATTEMPTS
+                ),
+            );
+            ok = false;
+        }
+        let backoff = match &retry.value.backoff {
+            Some(text) => self.duration(file, text),
+            None => Some(project::DEFAULT_RETRY_BACKOFF),
+        };
+        // One attempt is no retry at all.
+        let policy = backoff
+            .map(|backoff| (attempts > 1).then_some(project::RetryPolicy { attempts, backoff }))?;
+        ok.then_some(policy)
     }
 
     /// The `${VAR}` written at a position, so messages can name the variable.

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 
@@ -18,6 +19,20 @@ use super::schemas::schema_path;
 const INTENT_FIELDS: &[&str] = &["name", "confidence", "entities"];
 const ERROR_FIELDS: &[&str] = &["code", "message", "service", "status"];
 
+/// What the variables of a template are checked against.
+pub(super) enum Vars<'c, 's> {
+    /// A step of a flow: the flow's scope at that step.
+    Flow(&'c Scope, &'c FlowFacts<'s>),
+    /// A channel's mapping: a fixed set of names, and `body` (the payload)
+    /// checked against the channel's payload schema when it has one.
+    Channel(&'c ChannelVars),
+}
+
+pub(super) struct ChannelVars {
+    pub(super) roots: &'static [&'static str],
+    pub(super) body_schema: Option<Arc<Json>>,
+}
+
 impl Checker<'_> {
     pub(super) fn compile_text(
         &mut self,
@@ -26,9 +41,18 @@ impl Checker<'_> {
         scope: &Scope,
         facts: &FlowFacts<'_>,
     ) -> Option<template::TemplateId> {
+        self.compile_text_in(file, text, &Vars::Flow(scope, facts))
+    }
+
+    pub(super) fn compile_text_in(
+        &mut self,
+        file: &Path,
+        text: &spec::Text,
+        vars: &Vars<'_, '_>,
+    ) -> Option<template::TemplateId> {
         match self.templates.add_template(&text.value) {
             Ok((id, analysis)) => {
-                self.check_variables(file, text.position, &analysis, scope, facts);
+                self.check_vars(file, text.position, &analysis, vars);
                 Some(id)
             }
             Err(error) => {
@@ -46,11 +70,21 @@ impl Checker<'_> {
         scope: &Scope,
         facts: &FlowFacts<'_>,
     ) -> Option<template::ExpressionId> {
+        self.compile_expression_in(file, at, source, &Vars::Flow(scope, facts))
+    }
+
+    pub(super) fn compile_expression_in<T>(
+        &mut self,
+        file: &Path,
+        at: &Spanned<T>,
+        source: &str,
+        vars: &Vars<'_, '_>,
+    ) -> Option<template::ExpressionId> {
         // `if: "{{ x }}"` is accepted as the expression `x`.
         let expression = template::lone_expression(source).unwrap_or(source);
         match self.templates.add_expression(expression) {
             Ok((id, analysis)) => {
-                self.check_variables(file, at.position, &analysis, scope, facts);
+                self.check_vars(file, at.position, &analysis, vars);
                 Some(id)
             }
             Err(error) => {
@@ -67,6 +101,15 @@ impl Checker<'_> {
         scope: &Scope,
         facts: &FlowFacts<'_>,
     ) -> Option<ValueTemplate> {
+        self.compile_value_in(file, value, &Vars::Flow(scope, facts))
+    }
+
+    pub(super) fn compile_value_in(
+        &mut self,
+        file: &Path,
+        value: &Spanned<TemplateValue>,
+        vars: &Vars<'_, '_>,
+    ) -> Option<ValueTemplate> {
         match &value.value {
             TemplateValue::String(text) => {
                 if let Some(expression) = template::lone_expression(text) {
@@ -74,7 +117,7 @@ impl Checker<'_> {
                     let expression = expression.to_owned();
                     match self.templates.add_expression(&expression) {
                         Ok((id, analysis)) => {
-                            self.check_variables(file, at.position, &analysis, scope, facts);
+                            self.check_vars(file, at.position, &analysis, vars);
                             Some(ValueTemplate::Expression(id))
                         }
                         Err(error) => {
@@ -84,7 +127,7 @@ impl Checker<'_> {
                     }
                 } else if template::has_template_syntax(text) {
                     let spanned = Spanned::new(text.clone(), value.position);
-                    self.compile_text(file, &spanned, scope, facts)
+                    self.compile_text_in(file, &spanned, vars)
                         .map(ValueTemplate::Text)
                 } else {
                     Some(ValueTemplate::Literal(Json::String(text.clone())))
@@ -93,7 +136,7 @@ impl Checker<'_> {
             TemplateValue::List(items) => {
                 let compiled: Vec<Option<ValueTemplate>> = items
                     .iter()
-                    .map(|item| self.compile_value(file, item, scope, facts))
+                    .map(|item| self.compile_value_in(file, item, vars))
                     .collect();
                 Some(ValueTemplate::List(
                     compiled.into_iter().collect::<Option<_>>()?,
@@ -103,7 +146,7 @@ impl Checker<'_> {
                 let compiled: Vec<Option<(String, ValueTemplate)>> = entries
                     .iter()
                     .map(|(key, value)| {
-                        self.compile_value(file, value, scope, facts)
+                        self.compile_value_in(file, value, vars)
                             .map(|value| (key.value.clone(), value))
                     })
                     .collect();
@@ -113,6 +156,86 @@ impl Checker<'_> {
             }
             other => Some(ValueTemplate::Literal(other.to_json())),
         }
+    }
+
+    fn check_vars(&mut self, file: &Path, position: Position, analysis: &Analysis, vars: &Vars) {
+        match vars {
+            Vars::Flow(scope, facts) => {
+                self.check_variables(file, position, analysis, scope, facts)
+            }
+            Vars::Channel(channel) => {
+                self.check_channel_variables(file, position, analysis, channel)
+            }
+        }
+    }
+
+    /// A channel's templates read only the names of their context, and
+    /// `body` paths that the payload schema has.
+    fn check_channel_variables(
+        &mut self,
+        file: &Path,
+        position: Position,
+        analysis: &Analysis,
+        vars: &ChannelVars,
+    ) {
+        let mut paths: Vec<&String> = analysis.variables.iter().collect();
+        paths.sort();
+        let mut reported_roots: HashSet<&str> = HashSet::new();
+        for path in paths {
+            let segments: Vec<&str> = path.split('.').collect();
+            let root = segments[0];
+            if template::is_global_name(root) {
+                continue;
+            }
+            if vars.roots.contains(&root) {
+                if root == "body"
+                    && let Some(schema) = &vars.body_schema
+                    && let Err(failure) = schema_path(schema, schema, &segments[1..], 0)
+                {
+                    self.report_path(
+                        file,
+                        position,
+                        &segments,
+                        failure.segment + 1,
+                        &failure.candidates,
+                        "the payload schema of this channel",
+                        Code::UnknownResponseField,
+                    );
+                }
+                continue;
+            }
+            if !reported_roots.insert(root) {
+                continue;
+            }
+            let location = self.find_in_source(file, position, root).map_or_else(
+                || Location::new(file, position, 1),
+                |found| Location::new(file, found, root.chars().count()),
+            );
+            self.unknown_variable(location, root, vars.roots);
+        }
+    }
+
+    /// `unknown variable` at `location`, with the closest known name or the
+    /// list of them.
+    fn unknown_variable(&mut self, location: Location, root: &str, known: &[&str]) {
+        let hint = did_you_mean(root, known.iter().copied()).unwrap_or_else(|| {
+            format!(
+                "variables here: {}",
+                known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+        self.push(
+            Diagnostic::error(
+                Code::UnknownVariable,
+                location,
+                format!("unknown variable `{root}`"),
+            )
+            .with_hint(hint),
+        );
     }
 
     fn template_error(
@@ -288,24 +411,7 @@ impl Checker<'_> {
             if scope.in_on_error {
                 known.push("error");
             }
-            let hint = did_you_mean(root, known.iter().copied()).unwrap_or_else(|| {
-                format!(
-                    "variables here: {}",
-                    known
-                        .iter()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
-            self.push(
-                Diagnostic::error(
-                    Code::UnknownVariable,
-                    location,
-                    format!("unknown variable `{root}`"),
-                )
-                .with_hint(hint),
-            );
+            self.unknown_variable(location, root, &known);
         }
     }
 

@@ -47,6 +47,17 @@ use super::{
 /// (the Python service's).
 pub const DEFAULT_KEY_PREFIX: &str = "mcp:session:";
 
+/// Where channel deliveries are remembered: the session prefix with
+/// `session` made `delivery` (`mcp:delivery:`), else under `mcp:delivery:`,
+/// so that no session id (`<prefix><id>`) can name a delivery's key.
+pub fn delivery_prefix(session_prefix: &str) -> String {
+    if session_prefix.contains("session") {
+        session_prefix.replacen("session", "delivery", 1)
+    } else {
+        format!("mcp:delivery:{session_prefix}")
+    }
+}
+
 /// Time one connection attempt may take (TCP, TLS, `AUTH`, `SELECT`). Longer
 /// than an operation: the connection manager's own reconnects run in the
 /// background and may take it whole. A first connection (or one after a
@@ -477,6 +488,33 @@ impl SessionStore for RedisSessionStore {
                 .bounded("apply", invocation.invoke_async(&mut connection))
                 .await?;
             Ok(session_from_fields(fields, &key))
+        })
+    }
+
+    /// `SET key 1 NX PX ttl`: one round trip, atomic across replicas. The
+    /// key is outside the sessions' prefix, so no session id can name it.
+    fn first_delivery<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Option<Result<bool, SessionError>>> {
+        Box::pin(async move {
+            let key = format!("{}{key}", delivery_prefix(&self.key_prefix));
+            let mut connection = self.connection();
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            let set: Result<Option<String>, SessionError> = self
+                .bounded("first_delivery", async {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await;
+            Some(set.map(|answer| answer.is_some()))
         })
     }
 

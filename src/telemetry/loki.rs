@@ -45,25 +45,7 @@ pub const LOG_TARGET: &str = module_path!();
 /// `service_type` label of lines that are not about one service.
 pub const DEFAULT_SERVICE_TYPE: &str = "orchestrator";
 
-/// A value that must never be printed: its `Debug` hides it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::project::Secret;
 
 /// How pushes authenticate.
 #[derive(Debug, Clone, PartialEq, Eq)]

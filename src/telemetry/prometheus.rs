@@ -44,6 +44,15 @@ pub const SESSION_STORE_ERRORS_TOTAL: &str = "mcp_session_store_errors_total";
 pub const BUILD_INFO: &str = "mcp_build_info";
 /// Each service's circuit: 0 closed, 1 open, 2 half-open.
 pub const CIRCUIT_BREAKER_STATE: &str = "mcp_circuit_breaker_state";
+/// Channel deliveries, by channel and outcome (`accepted`, `duplicate`,
+/// `ignored`, `unauthorized`, `invalid`, `rate_limited`, `overloaded`,
+/// `challenge`).
+pub const CHANNEL_DELIVERIES_TOTAL: &str = "mcp_channel_deliveries_total";
+/// Replies sent through a platform API or a webhook's `reply.call`, by
+/// channel and outcome (`ok` or the error code).
+pub const CHANNEL_REPLIES_TOTAL: &str = "mcp_channel_replies_total";
+/// Messages in the background queue of each channel.
+pub const CHANNEL_QUEUE_DEPTH: &str = "mcp_channel_queue_depth";
 
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -65,6 +74,9 @@ pub const ALL: &[&str] = &[
     SESSION_STORE_ERRORS_TOTAL,
     BUILD_INFO,
     CIRCUIT_BREAKER_STATE,
+    CHANNEL_DELIVERIES_TOTAL,
+    CHANNEL_REPLIES_TOTAL,
+    CHANNEL_QUEUE_DEPTH,
 ];
 
 /// Histogram buckets, in seconds: from 1 ms to 10 s.
@@ -175,6 +187,18 @@ fn describe() {
     metrics::describe_gauge!(
         CIRCUIT_BREAKER_STATE,
         "Circuit breaker of each service: 0 closed, 1 open, 2 half-open"
+    );
+    metrics::describe_counter!(
+        CHANNEL_DELIVERIES_TOTAL,
+        "Channel deliveries, by channel and outcome"
+    );
+    metrics::describe_counter!(
+        CHANNEL_REPLIES_TOTAL,
+        "Replies sent through a platform API, by channel and outcome (ok or the error code)"
+    );
+    metrics::describe_gauge!(
+        CHANNEL_QUEUE_DEPTH,
+        "Messages of each channel acknowledged and not yet answered"
     );
 
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

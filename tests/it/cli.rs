@@ -22,7 +22,11 @@ fn fixture(name: &str) -> String {
 
 #[test]
 fn check_exits_zero_on_the_shipped_project() {
-    let output = run(&["check", repository_root().to_str().unwrap()]);
+    let output = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"))
+        .args(["check", repository_root().to_str().unwrap()])
+        .envs(crate::CHANNEL_SECRETS.iter().copied())
+        .output()
+        .unwrap();
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -30,6 +34,32 @@ fn check_exits_zero_on_the_shipped_project() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("0 errors, 0 warnings"));
+}
+
+#[test]
+fn check_warns_about_each_channel_whose_secrets_are_unset() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"))
+        .args(["check", repository_root().to_str().unwrap()])
+        .env_remove("TELEGRAM_SECRET_TOKEN")
+        .env_remove("TELEGRAM_BOT_TOKEN")
+        .envs(
+            crate::CHANNEL_SECRETS
+                .iter()
+                .copied()
+                .filter(|(name, _)| !name.starts_with("TELEGRAM_")),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("0 errors, 1 warning"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "channel `telegram` is disabled: `TELEGRAM_SECRET_TOKEN`, `TELEGRAM_BOT_TOKEN` are not set"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("flows/channels.yaml:10:3"), "{stderr}");
 }
 
 #[test]

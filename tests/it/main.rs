@@ -34,7 +34,28 @@ pub fn test_environment() -> HashMap<String, String> {
         // limits set their own.
         ("PER_USER_RATE".to_owned(), "100000/s".to_owned()),
     ])
+    .into_iter()
+    .chain(
+        CHANNEL_SECRETS
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+    )
+    .collect()
 }
+
+/// Values for the secrets of the shipped project's channels, so that a
+/// check in the tests has them enabled (unset, each channel is a warning).
+pub const CHANNEL_SECRETS: &[(&str, &str)] = &[
+    ("TELEGRAM_SECRET_TOKEN", "telegram-secret-token-for-tests"),
+    ("TELEGRAM_BOT_TOKEN", "123456:telegram-bot-token-for-tests"),
+    ("SLACK_SIGNING_SECRET", "slack-signing-secret-for-tests"),
+    ("SLACK_BOT_TOKEN", "xoxb-slack-bot-token-for-tests"),
+    ("WHATSAPP_VERIFY_TOKEN", "whatsapp-verify-token-for-tests"),
+    ("WHATSAPP_APP_SECRET", "whatsapp-app-secret-for-tests"),
+    ("WHATSAPP_ACCESS_TOKEN", "whatsapp-access-token-for-tests"),
+    ("TWILIO_AUTH_TOKEN", "twilio-auth-token-for-tests"),
+    ("TWILIO_PUBLIC_URL", "https://bot.example.test/channels/sms"),
+];
 
 /// Copies a project directory tree (for tests that edit a copy).
 pub fn copy_tree(from: &Path, to: &Path) {

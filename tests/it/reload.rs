@@ -123,6 +123,7 @@ async fn serve_dir(
         reload: Mutex::new(Default::default()),
         admission: Default::default(),
         breakers: Default::default(),
+        channels: Default::default(),
     });
     let reloader = Reloader::new(source, state.clone());
     let watch = reloader.watch().unwrap();

@@ -7,6 +7,7 @@
 //! `AppState` from a project directory, sending requests through the router,
 //! and stub HTTP services that record what they receive.
 
+mod channels;
 mod concurrency;
 mod edge;
 mod hardened_http;
@@ -149,6 +150,7 @@ impl Harness {
             reload: Mutex::new(Default::default()),
             admission: Default::default(),
             breakers: Default::default(),
+            channels: Default::default(),
         });
         Harness { state, sessions }
     }

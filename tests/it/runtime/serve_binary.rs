@@ -93,6 +93,41 @@ fn serve_in_production_with_some_urls_names_only_the_missing_ones() {
 }
 
 #[test]
+fn serve_in_production_refuses_a_channel_whose_secrets_are_unset() {
+    let mut variables: Vec<(&str, &str)> = vec![
+        ("MCP_ENV", "production"),
+        ("MENU_SERVICE_URL", "http://127.0.0.1:9/menu"),
+        ("ORDER_SERVICE_URL", "http://127.0.0.1:9/order"),
+        ("RECOMMEND_SERVICE_URL", "http://127.0.0.1:9/recommend"),
+        ("TRACKING_SERVICE_URL", "http://127.0.0.1:9/tracking"),
+        ("PROFILE_SERVICE_URL", "http://127.0.0.1:9/profile"),
+        ("WEB_APP_API_KEY", "web-app-key-0123456789abcdef"),
+        ("PARTNER_API_KEY", "partner-key-0123456789abcdef"),
+        ("METRICS_API_KEY", "metrics-key-0123456789abcdef"),
+    ];
+    let root = repository_root();
+    variables.push(("MCP_PROJECT_DIR", root.to_str().unwrap()));
+    // Every channel secret but Slack's.
+    variables.extend(
+        crate::CHANNEL_SECRETS
+            .iter()
+            .copied()
+            .filter(|(name, _)| !name.starts_with("SLACK_")),
+    );
+    let child = serve_command(&variables).spawn().unwrap();
+    let (code, stderr) = wait_for_exit(child);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error[unset-env-var]: channel `slack` is disabled: `SLACK_SIGNING_SECRET`, `SLACK_BOT_TOKEN` are not set"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("channel `telegram`"), "{stderr}");
+    assert!(!stderr.contains("SERVICE_URL"), "{stderr}");
+}
+
+#[test]
 fn serve_with_an_invalid_project_exits_one_with_the_location() {
     let project = shipped_project_copy();
     let order = project.path().join("flows/order.yaml");

@@ -358,6 +358,7 @@ pub fn replica(
         reload: Mutex::new(Default::default()),
         admission: Default::default(),
         breakers: Default::default(),
+        channels: Default::default(),
     })
 }
 
