@@ -79,6 +79,18 @@ impl Caller<'_> {
             Caller::Key(key) => key.allows_channel(channel),
         }
     }
+
+    /// Whether the caller's key lists `channel` by name: only such a key
+    /// may act for the users of a declared channel (`<channel>:…` ids).
+    pub fn names_channel(&self, channel: &str) -> bool {
+        match self {
+            Caller::Anonymous => false,
+            Caller::Key(key) => key
+                .channels
+                .as_ref()
+                .is_some_and(|channels| channels.iter().any(|named| named == channel)),
+        }
+    }
 }
 
 /// The caller of a request, or `None` when keys are declared and the

@@ -22,13 +22,14 @@ use std::time::SystemTime;
 use http::HeaderMap;
 use serde_json::{Map, Value as Json};
 
-use crate::project::{Channel, ChannelKind, CompiledProject};
+use crate::engine::{TurnOutcome, TurnRequest};
+use crate::project::{self, Channel, ChannelKind, CompiledProject, ServiceId};
 
 pub use runtime::{ChannelCounters, ChannelRuntime, DELIVERY_MEMORY, QUEUE_CAPACITY, QueueSlot};
-pub use webhook::reply_context as webhook_reply_context;
 
-/// A delivery as it arrived: what verification and reading need.
-#[derive(Debug, Clone, Copy)]
+/// A delivery as it arrived: what verification and reading need. No
+/// `Debug`: its headers carry tokens.
+#[derive(Clone, Copy)]
 pub struct Delivery<'a> {
     pub headers: &'a HeaderMap,
     /// The raw query string, without `?`.
@@ -78,10 +79,10 @@ pub struct Message {
 impl Message {
     /// The turn of this message on channel `name`: `<name>:<platform id>`
     /// as user and session, the platform's fields under `input.platform`.
-    pub fn turn_request(&self, name: &str, trace_id: String) -> crate::engine::TurnRequest {
+    pub fn turn_request(&self, name: &str, trace_id: String) -> TurnRequest {
         let mut input = Map::new();
         input.insert("platform".to_owned(), Json::Object(self.platform.clone()));
-        crate::engine::TurnRequest {
+        TurnRequest {
             text: self.text.clone(),
             user_id: format!("{name}:{}", self.user),
             channel: name.to_owned(),
@@ -155,12 +156,101 @@ pub fn read(
     }
 }
 
-/// A platform API call that sends a reply.
-#[derive(Debug)]
+/// A platform API call that sends a reply. `Debug` shows `shown_url`.
 pub struct Outbound {
     /// Holds the Telegram bot token: never logged.
     pub url: url::Url,
+    /// The URL as logs and test reports show it: the bot token is
+    /// `<bot_token>`.
+    pub shown_url: String,
     pub body: Json,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("url", &self.shown_url)
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
+/// How a turn's reply goes back to its platform.
+#[derive(Debug)]
+pub enum Reply {
+    /// Through the platform's API, after the acknowledgement.
+    Api(Outbound),
+    /// To a declared service (a webhook's `reply.call`), after the
+    /// acknowledgement.
+    Service { service: ServiceId, body: Json },
+    /// In the answer to the delivery: a webhook's `reply.response`.
+    Json(Json),
+    /// In the answer to the delivery: Twilio's TwiML.
+    TwiML(String),
+}
+
+/// What goes back for `message` once its turn answered `outcome`; an error
+/// when a webhook's reply template fails.
+pub fn reply(
+    project: &CompiledProject,
+    channel: &Channel,
+    message: &Message,
+    request: &TurnRequest,
+    outcome: &TurnOutcome,
+) -> Result<Reply, String> {
+    match (&channel.kind, &message.reply_to) {
+        (ChannelKind::Twilio(_), _) => Ok(Reply::TwiML(twilio::twiml(Some(&outcome.reply_text)))),
+        (ChannelKind::Webhook(webhook), ReplyTo::Webhook { body }) => {
+            let context = reply_context(body, request, outcome);
+            let render = |template| {
+                project
+                    .templates
+                    .render_value(template, &context)
+                    .map_err(|error| {
+                        format!(
+                            "the reply template of channel `{}` failed: {error}",
+                            channel.name
+                        )
+                    })
+            };
+            match &webhook.reply {
+                project::WebhookReply::Response(template) => Ok(Reply::Json(render(template)?)),
+                project::WebhookReply::Call { service, body } => Ok(Reply::Service {
+                    service: *service,
+                    body: match body {
+                        Some(template) => render(template)?,
+                        None => serde_json::json!({
+                            "reply_text": outcome.reply_text,
+                            "route": outcome.route,
+                        }),
+                    },
+                }),
+            }
+        }
+        _ => outbound(channel, message, &outcome.reply_text)
+            .map(Reply::Api)
+            .ok_or_else(|| format!("channel `{}` cannot address this reply", channel.name)),
+    }
+}
+
+/// The context of a webhook's reply templates.
+fn reply_context(body: &Json, request: &TurnRequest, outcome: &TurnOutcome) -> minijinja::Value {
+    use serde_json::json;
+    webhook::reply_context(
+        body,
+        &[
+            ("reply_text", json!(outcome.reply_text)),
+            ("decision", json!(outcome.decision)),
+            ("route", json!(outcome.route)),
+            ("intent", json!(outcome.intent)),
+            ("data", outcome.data.clone().unwrap_or(Json::Null)),
+            ("text", json!(request.text)),
+            ("user_id", json!(request.user_id)),
+            ("session_id", json!(request.session_id)),
+            ("trace_id", json!(request.trace_id)),
+            ("channel", json!(request.channel)),
+        ],
+    )
 }
 
 /// The API call that sends `reply_text` for `message`, for the kinds that

@@ -411,10 +411,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         let served = async {
             let listener = tokio::net::TcpListener::bind(address).await?;
             tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
-            server::serve(listener, state.clone(), shutdown_signal(), args.shutdown_grace).await?;
+            let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
+            let shutdown = {
+                let signalled = signalled.clone();
+                async move {
+                    shutdown_signal().await;
+                    let _ = signalled.set(std::time::Instant::now());
+                }
+            };
+            server::serve(listener, state.clone(), shutdown, args.shutdown_grace).await?;
             // Messages already acknowledged to a platform get their reply
-            // within the grace period.
-            if !state.channels.drain(args.shutdown_grace).await {
+            // within what is left of the grace period.
+            let left = signalled
+                .get()
+                .map_or(args.shutdown_grace, |at: &std::time::Instant| {
+                    args.shutdown_grace.saturating_sub(at.elapsed())
+                });
+            if !state.channels.drain(left).await {
                 tracing::warn!(
                     event_type = "shutdown",
                     queued = state.channels.queue_depth(),

@@ -286,7 +286,7 @@ pub struct ApiError {
 
 /// `Retry-After` of a 503 `overloaded`: turns take milliseconds, so a
 /// second is plenty.
-const OVERLOADED_RETRY_AFTER_SECONDS: u64 = 1;
+pub(crate) const OVERLOADED_RETRY_AFTER_SECONDS: u64 = 1;
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -571,6 +571,19 @@ async fn run_orchestrate(
             ),
         ));
     }
+    // The users and sessions of a declared channel (`telegram:42`) belong to
+    // its deliveries: only a key that names that channel may reach them.
+    if let Some(channel) = reserved_channel(project, &request)
+        && !caller.names_channel(channel)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "`user_id` and `session_id` starting with `{channel}:` belong to channel `{channel}`; only a caller key that lists it in `channels` may use them"
+            ),
+        ));
+    }
     admission
         .check_user(&request.user_id)
         .map_err(ApiError::refused)?;
@@ -674,6 +687,24 @@ pub(crate) async fn run_logged_turn(
         "Turn answered"
     );
     Ok(outcome)
+}
+
+/// The declared channel whose users or sessions (`<channel>:…`) the
+/// request names, if any.
+fn reserved_channel<'p>(project: &'p CompiledProject, request: &TurnRequest) -> Option<&'p str> {
+    if project.channels.is_empty() {
+        return None;
+    }
+    project
+        .channels
+        .iter()
+        .map(|channel| channel.name.as_str())
+        .find(|name| {
+            [&request.user_id, &request.session_id].iter().any(|id| {
+                id.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            })
+        })
 }
 
 /// Checks a request body against the project's request schema, and answers
@@ -926,6 +957,7 @@ fn channels_json(state: &AppState, project: &CompiledProject) -> Json {
                     "rate_limited": counters.rate_limited.load(Relaxed),
                     "overloaded": counters.overloaded.load(Relaxed),
                     "turns": counters.turns.load(Relaxed),
+                    "turn_failures": counters.turn_failures.load(Relaxed),
                     "replies": counters.replies.load(Relaxed),
                     "outbound_failures": counters.outbound_failures.load(Relaxed),
                     "queue_depth": counters.queue_depth.load(Relaxed),

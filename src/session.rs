@@ -184,6 +184,14 @@ pub trait SessionStore: Send + Sync {
         let _ = (key, ttl);
         Box::pin(async { None })
     }
+
+    /// Forgets a delivery recorded by `first_delivery`, so that the
+    /// platform's next attempt runs (its turn failed). Best effort: a
+    /// failure is logged by the store.
+    fn forget_delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        let _ = key;
+        Box::pin(async {})
+    }
 }
 
 pub fn now_ms() -> u64 {

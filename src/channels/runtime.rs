@@ -20,9 +20,10 @@ pub const QUEUE_CAPACITY: usize = 1024;
 /// Background turns running at once; the rest of the queue waits.
 pub const WORKERS: usize = 64;
 
-/// How long a delivery's id is remembered: platforms retry for hours at
-/// most (Telegram and WhatsApp up to a day with backoff, Slack three times
-/// within an hour).
+/// How long a delivery's id is remembered. Slack retries three times
+/// within the hour and Telegram for a shorter while; Meta retries a
+/// WhatsApp delivery with backoff for up to a week, so a delivery refused
+/// for a whole day and repeated after it would run again.
 pub const DELIVERY_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Ids remembered in memory; the oldest are forgotten first past it.
@@ -45,6 +46,9 @@ pub struct ChannelCounters {
     /// Deliveries answered 503: the queue or the in-flight cap was full.
     pub overloaded: AtomicU64,
     pub turns: AtomicU64,
+    /// Turns that failed (a flow's template error, a reply template's):
+    /// nothing could be sent.
+    pub turn_failures: AtomicU64,
     /// Replies delivered.
     pub replies: AtomicU64,
     /// Replies that could not be delivered, retries included.
@@ -136,16 +140,8 @@ impl ChannelRuntime {
         channel: &str,
         id: &str,
     ) -> bool {
-        let id = if id.len() > MAX_ID_LENGTH {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(id.as_bytes());
-            digest.iter().map(|byte| format!("{byte:02x}")).collect()
-        } else {
-            id.to_owned()
-        };
-        let key = format!("{channel}\0{id}");
+        let (key, shared_key) = delivery_keys(channel, id);
         let first_here = self.seen.entry(key).or_insert(()).is_fresh();
-        let shared_key = format!("delivery:{channel}:{id}");
         match sessions.first_delivery(&shared_key, DELIVERY_MEMORY).await {
             None => first_here,
             Some(Ok(first)) => {
@@ -169,6 +165,14 @@ impl ChannelRuntime {
                 first_here
             }
         }
+    }
+
+    /// Forgets a delivery whose turn failed before its answer, so the
+    /// platform's next attempt runs.
+    pub async fn forget_delivery(&self, sessions: &dyn SessionStore, channel: &str, id: &str) {
+        let (key, shared_key) = delivery_keys(channel, id);
+        self.seen.invalidate(&key);
+        sessions.forget_delivery(&shared_key).await;
     }
 
     /// Runs `job` in the background once a worker is free, holding `slot`
@@ -198,4 +202,19 @@ impl ChannelRuntime {
             Ok(Ok(_))
         )
     }
+}
+
+/// The keys of a delivery: in this replica's set, and in the shared store
+/// (which adds its own prefix). An id longer than `MAX_ID_LENGTH` is kept
+/// as `sha256:<hex>`.
+fn delivery_keys(channel: &str, id: &str) -> (String, String) {
+    let id = if id.len() > MAX_ID_LENGTH {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        format!("sha256:{hex}")
+    } else {
+        id.to_owned()
+    };
+    (format!("{channel}\0{id}"), format!("{channel}:{id}"))
 }

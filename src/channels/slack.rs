@@ -110,8 +110,15 @@ fn read_event(payload: &Json) -> Result<Inbound, BadPayload> {
         }
     }
     platform.insert("event_type".to_owned(), json!(kind));
+    // One message can arrive as two events with their own `event_id`s
+    // (`message` and `app_mention` when both are subscribed); its channel
+    // and timestamp name it once, retries included.
+    let ts = event
+        .get("ts")
+        .and_then(Json::as_str)
+        .ok_or_else(|| BadPayload("the message event has no `ts`".to_owned()))?;
     Ok(Inbound::Messages(vec![Message {
-        id: Some(event_id.to_owned()),
+        id: Some(format!("{channel}:{ts}")),
         text,
         user: user.to_owned(),
         conversation,
@@ -145,8 +152,10 @@ pub fn outbound(
     if let Some(thread_ts) = thread_ts {
         body["thread_ts"] = json!(thread_ts);
     }
+    let url = api_url(&channel.api_url, &["chat.postMessage"])?;
     Some(Outbound {
-        url: api_url(&channel.api_url, &["chat.postMessage"])?,
+        shown_url: url.to_string(),
+        url,
         body,
     })
 }

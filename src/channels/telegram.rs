@@ -91,6 +91,10 @@ pub fn outbound(channel: &TelegramChannel, chat_id: &Json, text: &str) -> Option
     let method = format!("bot{}", channel.bot_token.expose());
     Some(Outbound {
         url: api_url(&channel.api_url, &[&method, "sendMessage"])?,
+        shown_url: format!(
+            "{}/bot<bot_token>/sendMessage",
+            channel.api_url.as_str().trim_end_matches('/')
+        ),
         body: json!({ "chat_id": chat_id, "text": text }),
     })
 }

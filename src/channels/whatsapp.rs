@@ -140,8 +140,10 @@ pub fn outbound(
     to: &str,
     text: &str,
 ) -> Option<Outbound> {
+    let url = api_url(&channel.api_url, &[phone_number_id, "messages"])?;
     Some(Outbound {
-        url: api_url(&channel.api_url, &[phone_number_id, "messages"])?,
+        shown_url: url.to_string(),
+        url,
         body: json!({
             "messaging_product": "whatsapp",
             "recipient_type": "individual",

@@ -46,12 +46,20 @@ const REPLY_VARIABLES: &[&str] = &[
     "channel",
 ];
 
-/// The keys each kind takes besides `kind`, `timeout` and `retry`.
+/// The keys each kind takes besides `kind`: the kinds that send replies
+/// through an API also take `timeout` and `retry`.
 fn kind_keys(kind: &str) -> &'static [&'static str] {
     match kind {
-        "telegram" => &["secret_token", "bot_token", "api_url"],
-        "slack" => &["signing_secret", "bot_token", "api_url"],
-        "whatsapp" => &["verify_token", "app_secret", "access_token", "api_url"],
+        "telegram" => &["secret_token", "bot_token", "api_url", "timeout", "retry"],
+        "slack" => &["signing_secret", "bot_token", "api_url", "timeout", "retry"],
+        "whatsapp" => &[
+            "verify_token",
+            "app_secret",
+            "access_token",
+            "api_url",
+            "timeout",
+            "retry",
+        ],
         "twilio" => &["auth_token", "public_url"],
         _ => &["verify", "schema", "request", "reply"],
     }
@@ -75,6 +83,8 @@ fn present_keys(channel: &spec::Channel) -> Vec<(&'static str, spec::Position)> 
         text("schema", &channel.schema),
         channel.request.as_ref().map(|v| ("request", v.position)),
         channel.reply.as_ref().map(|v| ("reply", v.position)),
+        text("timeout", &channel.timeout),
+        channel.retry.as_ref().map(|v| ("retry", v.position)),
     ]
     .into_iter()
     .flatten()
@@ -149,10 +159,13 @@ impl Checker<'_> {
                         location,
                         format!("`{key}` is not a key of a `{kind}` channel"),
                     )
-                    .with_hint(format!(
-                        "a `{kind}` channel takes: kind, {}, timeout, retry",
-                        allowed.join(", ")
-                    )),
+                    .with_hint(if matches!(key, "timeout" | "retry") {
+                        format!(
+                            "a `{kind}` channel answers in the response; a webhook's `reply.call` uses its service's timeout and retry"
+                        )
+                    } else {
+                        format!("a `{kind}` channel takes: kind, {}", allowed.join(", "))
+                    }),
                 );
                 ok = false;
             }

@@ -19,11 +19,12 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde_json::Value as Json;
 
+use crate::channels;
 use crate::diagnostic::{Code, Diagnostic, Location, Sources, did_you_mean};
 use crate::engine::{self, TurnDeps, TurnOutcome};
 use crate::intent::{self, Classification, Classifier};
 use crate::load::{self, FLOWS_DIR, TESTS_DIR};
-use crate::project::{CompiledProject, Decision, IntentId, Service};
+use crate::project::{Channel, ChannelKind, CompiledProject, Decision, IntentId, Service};
 use crate::services::{OutgoingRequest, RawResponse, ServiceMode, Transport, TransportError};
 use crate::session::{MemorySessionStore, SessionStore};
 use crate::spec::{Position, Spanned};
@@ -162,15 +163,17 @@ pub fn check_tests(project: &CompiledProject, tests: &LoadedTests) -> Vec<Diagno
         }
         // Values that can only be checked by trying them.
         for case in &test_file.cases {
-            for turn in &case.value.turns.value {
-                let turn = &turn.value;
-                if !matches!(&turn.request.value, crate::spec::TemplateValue::Map(entries)
+            for spanned_turn in &case.value.turns.value {
+                let turn = &spanned_turn.value;
+                diagnostics.extend(check_turn_source(project, file, spanned_turn));
+                if let Some(request) = &turn.request
+                    && !matches!(&request.value, crate::spec::TemplateValue::Map(entries)
                     if entries.iter().any(|(key, value)| key.value == "text"
                         && matches!(value.value, crate::spec::TemplateValue::String(_))))
                 {
                     diagnostics.push(Diagnostic::error(
                         Code::InvalidValue,
-                        Location::new(file, turn.request.position, 1),
+                        Location::new(file, request.position, 1),
                         "`request` must be a mapping with a string `text`",
                     ));
                 }
@@ -204,6 +207,63 @@ pub fn check_tests(project: &CompiledProject, tests: &LoadedTests) -> Vec<Diagno
                     ));
                 }
             }
+        }
+    }
+    diagnostics
+}
+
+/// A turn comes from `request`, or from `channel` and `payload`; the
+/// channel must be declared, and `outbound` and `ignored` need one.
+fn check_turn_source(
+    project: &CompiledProject,
+    file: &Path,
+    turn: &Spanned<spec::Turn>,
+) -> Vec<Diagnostic> {
+    let mut diagnostics = Vec::new();
+    let value = &turn.value;
+    let mut error = |position: Position, message: String, hint: Option<String>| {
+        diagnostics.push(
+            Diagnostic::error(
+                Code::InvalidValue,
+                Location::new(file, position, 1),
+                message,
+            )
+            .with_optional_hint(hint),
+        );
+    };
+    match (&value.request, &value.channel, &value.payload) {
+        (Some(_), None, None) => {}
+        (None, Some(channel), Some(_)) => {
+            if project.channel(&channel.value).is_none() {
+                let names = project.channels.iter().map(|c| c.name.as_str());
+                error(
+                    channel.position,
+                    format!("unknown channel `{}`", channel.value),
+                    did_you_mean(&channel.value, names),
+                );
+            }
+        }
+        _ => error(
+            turn.position,
+            "a turn needs either `request`, or `channel` and `payload`".to_owned(),
+            Some("`request:` is a `POST /orchestrate` body; `channel:` + `payload:` a platform's delivery".to_owned()),
+        ),
+    }
+    if value.channel.is_none()
+        && let Some(expect) = &value.expect
+    {
+        for position in [
+            expect.value.outbound.as_ref().map(|o| o.position),
+            expect.value.ignored.as_ref().map(|i| i.position),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            error(
+                position,
+                "`outbound` and `ignored` are expectations of a channel turn".to_owned(),
+                Some("give the turn `channel:` and `payload:`".to_owned()),
+            );
         }
     }
     diagnostics
@@ -612,9 +672,13 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                     .map_or(ServiceMode::Mock, ServiceMode::Live)
             })
             .collect();
-        for (number, turn) in case.value.turns.value.iter().enumerate() {
+        for (number, spanned_turn) in case.value.turns.value.iter().enumerate() {
             let number = number + 1;
-            let turn = &turn.value;
+            let turn = &spanned_turn.value;
+            let request_at = turn
+                .request
+                .as_ref()
+                .map_or(spanned_turn.position, |request| request.position);
             let mut stubs = HashMap::new();
             for (service, answers) in &turn.services {
                 let answers: Vec<StubAnswer> = spec::decode_stubs(&answers.value)
@@ -643,35 +707,76 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                         (None, None) => Err(LlmFailure::Garbage),
                     }),
             };
-            let mut body = match turn.request.value.to_json() {
-                Json::Object(body) => body,
-                _ => serde_json::Map::new(),
-            };
-            body.entry("user_id")
-                .or_insert_with(|| Json::String(DEFAULT_USER_ID.to_owned()));
-            body.entry("trace_id")
-                .or_insert_with(|| Json::String(format!("test-trace-{number}")));
-            // The request a channel could send: the project's request schema
-            // applies, as in `serve`.
-            let checked = match &project.request_schema {
-                Some(schema) => crate::server::validate_request_body(schema, body),
-                None => Ok(body),
-            };
-            let request = match checked
-                .and_then(|body| crate::server::turn_request(body, &http::HeaderMap::new()))
-            {
-                Ok(request) => request,
-                Err(error) => {
-                    result.failures.push(Failure {
-                        turn: number,
-                        position: turn.request.position,
-                        what: "request".to_owned(),
-                        expected: "a valid request".to_owned(),
-                        actual: error.detail,
-                        path: None,
-                    });
-                    return;
+            let mut from_channel = None;
+            let request = match (&turn.channel, &turn.payload, &turn.request) {
+                (Some(channel), Some(payload), _) => {
+                    match channel_turn(project, &channel.value, &payload.value, number) {
+                        Ok(ChannelTurn::Message(channel, message, request)) => {
+                            from_channel = Some((channel, *message));
+                            *request
+                        }
+                        Ok(ChannelTurn::Ignored(reason)) => {
+                            let expected =
+                                turn.expect.as_ref().and_then(|e| e.value.ignored.as_ref());
+                            if !expected.is_some_and(|ignored| ignored.value) {
+                                result.failures.push(Failure {
+                                    turn: number,
+                                    position: payload.position,
+                                    what: "payload".to_owned(),
+                                    expected: "a user's message, which runs a turn".to_owned(),
+                                    actual: format!("acknowledged and not run: {reason}"),
+                                    path: None,
+                                });
+                            }
+                            continue;
+                        }
+                        Err(error) => {
+                            result.failures.push(Failure {
+                                turn: number,
+                                position: payload.position,
+                                what: "payload".to_owned(),
+                                expected: "a payload the channel can read".to_owned(),
+                                actual: error,
+                                path: None,
+                            });
+                            return;
+                        }
+                    }
                 }
+                (_, _, Some(request_value)) => {
+                    let mut body = match request_value.value.to_json() {
+                        Json::Object(body) => body,
+                        _ => serde_json::Map::new(),
+                    };
+                    body.entry("user_id")
+                        .or_insert_with(|| Json::String(DEFAULT_USER_ID.to_owned()));
+                    body.entry("trace_id")
+                        .or_insert_with(|| Json::String(format!("test-trace-{number}")));
+                    // The request a channel could send: the project's request schema
+                    // applies, as in `serve`.
+                    let checked = match &project.request_schema {
+                        Some(schema) => crate::server::validate_request_body(schema, body),
+                        None => Ok(body),
+                    };
+                    match checked
+                        .and_then(|body| crate::server::turn_request(body, &http::HeaderMap::new()))
+                    {
+                        Ok(request) => request,
+                        Err(error) => {
+                            result.failures.push(Failure {
+                                turn: number,
+                                position: request_at,
+                                what: "request".to_owned(),
+                                expected: "a valid request".to_owned(),
+                                actual: error.detail,
+                                path: None,
+                            });
+                            return;
+                        }
+                    }
+                }
+                // Refused by `check`.
+                _ => return,
             };
             let deps = TurnDeps {
                 project,
@@ -687,7 +792,7 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                 Err(error) => {
                     result.failures.push(Failure {
                         turn: number,
-                        position: turn.request.position,
+                        position: request_at,
                         what: "answer".to_owned(),
                         expected: "an answer".to_owned(),
                         actual: format!("the turn failed: {error}"),
@@ -707,7 +812,7 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                     if !stubbed.contains(service) {
                         result.failures.push(Failure {
                             turn: number,
-                            position: turn.request.position,
+                            position: request_at,
                             what: "calls".to_owned(),
                             expected: "only stubbed services are called (`only_stubbed: true`)"
                                 .to_owned(),
@@ -729,11 +834,152 @@ fn run_case(project: &CompiledProject, file: &Path, case: &Spanned<Case>) -> Cas
                     &calls,
                     &session.variables,
                 );
+                if let Some((channel, message)) = &from_channel {
+                    check_channel_expectations(
+                        project,
+                        &mut result,
+                        number,
+                        &expect.value,
+                        (channel, message),
+                        &request,
+                        &outcome,
+                    );
+                }
             }
         }
     });
     result.elapsed = started.elapsed();
     result
+}
+
+/// A channel turn, read from its payload.
+enum ChannelTurn<'p> {
+    Message(
+        &'p Channel,
+        Box<channels::Message>,
+        Box<engine::TurnRequest>,
+    ),
+    /// Not a user's message: why.
+    Ignored(&'static str),
+}
+
+/// Reads a platform payload as `serve` reads a verified delivery, and
+/// takes its first message.
+fn channel_turn<'p>(
+    project: &'p CompiledProject,
+    name: &str,
+    payload: &crate::spec::TemplateValue,
+    number: usize,
+) -> Result<ChannelTurn<'p>, String> {
+    let channel = project
+        .channel(name)
+        .ok_or_else(|| format!("no channel `{name}`"))?;
+    let payload = payload.to_json();
+    let bytes = match (&channel.kind, &payload) {
+        (ChannelKind::Twilio(_), Json::Object(fields)) => {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in fields {
+                match value {
+                    Json::String(text) => form.append_pair(key, text),
+                    other => form.append_pair(key, &other.to_string()),
+                };
+            }
+            form.finish().into_bytes()
+        }
+        (ChannelKind::Twilio(_), _) => {
+            return Err("a Twilio payload is a map of its form fields".to_owned());
+        }
+        _ => serde_json::to_vec(&payload).map_err(|error| error.to_string())?,
+    };
+    match channels::read(project, channel, &bytes) {
+        Ok(channels::Inbound::Messages(messages)) => match messages.into_iter().next() {
+            Some(message) => {
+                let request = message.turn_request(name, format!("test-trace-{number}"));
+                Ok(ChannelTurn::Message(
+                    channel,
+                    Box::new(message),
+                    Box::new(request),
+                ))
+            }
+            None => Ok(ChannelTurn::Ignored("no message")),
+        },
+        Ok(channels::Inbound::Ignored(reason)) => Ok(ChannelTurn::Ignored(reason)),
+        Ok(channels::Inbound::Challenge { .. }) => Ok(ChannelTurn::Ignored("a handshake")),
+        Err(bad) => Err(bad.0),
+    }
+}
+
+/// `ignored` and `outbound` of a channel turn that ran.
+fn check_channel_expectations(
+    project: &CompiledProject,
+    result: &mut CaseResult,
+    turn: usize,
+    expect: &spec::Expect,
+    (channel, message): (&Channel, &channels::Message),
+    request: &engine::TurnRequest,
+    outcome: &TurnOutcome,
+) {
+    let mut fail = |position: Position, what: &str, expected: String, actual: String| {
+        result.failures.push(Failure {
+            turn,
+            position,
+            what: what.to_owned(),
+            expected,
+            actual,
+            path: None,
+        });
+    };
+    if let Some(ignored) = &expect.ignored
+        && ignored.value
+    {
+        fail(
+            ignored.position,
+            "ignored",
+            "acknowledged and not run".to_owned(),
+            "a turn ran".to_owned(),
+        );
+    }
+    let Some(expected) = &expect.outbound else {
+        return;
+    };
+    let (to, body) = match channels::reply(project, channel, message, request, outcome) {
+        Ok(channels::Reply::Api(outbound)) => (outbound.shown_url, outbound.body),
+        Ok(channels::Reply::Service { service, body }) => {
+            (project.service(service).name.clone(), body)
+        }
+        Ok(channels::Reply::Json(body)) => (String::new(), body),
+        Ok(channels::Reply::TwiML(document)) => (String::new(), Json::String(document)),
+        Err(error) => {
+            fail(
+                expected.position,
+                "outbound",
+                "a reply to send".to_owned(),
+                error,
+            );
+            return;
+        }
+    };
+    if let Some(expected_to) = &expected.value.to
+        && !to.ends_with(expected_to.value.as_str())
+    {
+        fail(
+            expected_to.position,
+            "outbound to",
+            expected_to.value.clone(),
+            to.clone(),
+        );
+    }
+    if let Some(expected_body) = &expected.value.body {
+        let expected_body = expected_body.value.to_json();
+        if !is_subset(&expected_body, &body) {
+            fail(
+                expected.position,
+                "outbound body",
+                pretty(&expected_body),
+                pretty(&body),
+            );
+        }
+    }
 }
 
 /// One entry per call (not per attempt): the service and the body of its

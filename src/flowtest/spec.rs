@@ -41,8 +41,15 @@ pub struct Case {
 #[serde(deny_unknown_fields)]
 pub struct Turn {
     /// The request body: `text`, and any other request fields. `user_id`
-    /// defaults to `test-user`.
-    pub request: Spanned<TemplateValue>,
+    /// defaults to `test-user`. Or `channel` and `payload` instead.
+    pub request: Option<Spanned<TemplateValue>>,
+    /// A channel of the project: the turn arrives as that platform's
+    /// delivery (`payload`), read as `serve` reads it (not verified).
+    pub channel: Option<Name>,
+    /// The platform's payload: JSON for every kind but `twilio`, whose
+    /// form fields are given as a map.
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub payload: Option<Spanned<TemplateValue>>,
     /// What the LLM classifier answers; without it the rules classify.
     pub llm: Option<Spanned<LlmStub>>,
     /// Stubbed answers per service; a list gives one answer per attempt
@@ -118,6 +125,24 @@ pub struct Expect {
     /// Session variables after the turn (matched as a subset).
     #[schemars(with = "Option<serde_json::Value>")]
     pub session: Option<Spanned<TemplateValue>>,
+    /// With `channel`: what goes back to the platform.
+    pub outbound: Option<Spanned<OutboundExpectation>>,
+    /// With `channel`: `true` when the payload is not a user's message
+    /// (a status, an edit, a bot's message) and runs nothing.
+    pub ignored: Option<Spanned<bool>>,
+}
+
+/// What a channel sends back: the API call that carries the reply, or the
+/// answer to the delivery (Twilio's TwiML, a webhook's `reply.response`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundExpectation {
+    /// The end of the API URL (`/sendMessage`; the bot token shows as
+    /// `<bot_token>`), or for a webhook's `reply.call` the service's name.
+    pub to: Option<Text>,
+    /// A subset of the JSON sent, or the TwiML document.
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub body: Option<Spanned<TemplateValue>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -7,20 +7,19 @@
 //! run again.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value as Json, json};
+use serde_json::json;
 use tracing::Instrument;
 
 use super::{ApiError, AppState, Deployment, MAX_REQUEST_BYTES, run_logged_turn};
 use crate::admission;
-use crate::channels::{self, ChannelCounters, Delivery, Inbound, Message, ReplyTo};
+use crate::channels::{self, ChannelCounters, Delivery, Inbound, Message, Reply};
 use crate::engine::{TurnRequest, trace_headers};
-use crate::project::{Channel, ChannelKind, WebhookReply};
+use crate::project::{Channel, ChannelKind};
 use crate::services::{self, ServiceMode};
 use crate::telemetry::prometheus;
 
@@ -116,6 +115,16 @@ async fn run_delivery(
         return Err(unauthorized(name, channel, rejection.0));
     }
     let messages = match channels::read(&deployment.project, channel, &body) {
+        // A platform repeats a refused delivery for hours or days (Meta for
+        // a week; Slack may turn the subscription off): what a verified
+        // platform sends and cannot be read is acknowledged, logged and
+        // counted. A webhook's sender is told (400).
+        Err(bad) if !matches!(channel.kind, ChannelKind::Webhook(_)) => {
+            ChannelCounters::add(&counters.ignored);
+            count_delivery(name, "invalid");
+            tracing::warn!(event_type = "channel_delivery", channel = %name, kind = channel.kind.as_str(), reason = %bad.0, "Acknowledged and not run: the payload cannot be read");
+            return Ok(acknowledgement(channel));
+        }
         Err(bad) => {
             count_delivery(name, "invalid");
             tracing::warn!(event_type = "channel_delivery", channel = %name, kind = channel.kind.as_str(), reason = %bad.0, "Delivery refused: the payload cannot be read");
@@ -143,22 +152,17 @@ async fn run_delivery(
             name,
             super::trace_id_from_traceparent(&parts.headers).unwrap_or_else(super::new_trace_id),
         );
-        // A platform repeats whatever it did not see acknowledged, and
-        // Telegram holds back a bot's later updates until then: a message
-        // over its user's rate is dropped (logged and counted), not refused.
-        if admission.check_user(&request.user_id).is_err() {
-            ChannelCounters::add(&counters.rate_limited);
-            count_delivery(name, "rate_limited");
-            tracing::warn!(event_type = "channel_delivery", channel = %name, user_id = %request.user_id, code = "rate_limited", "Message dropped: its user is over the rate limit");
-            continue;
-        }
         if channel.replies_later() {
+            // The place is taken before the delivery is recorded as seen: a
+            // full queue refuses it (503) and the platform's next attempt runs.
             let Some(slot) = state.channels.reserve() else {
                 ChannelCounters::add(&counters.overloaded);
                 count_delivery(name, "overloaded");
-                return Err(ApiError::refused(admission::Refusal::Overloaded).into_response());
+                return Err(queue_full().into_response());
             };
-            if !first_delivery(state, name, &message, &counters).await {
+            if !first_delivery(state, name, &message, &counters).await
+                || !within_rate(&admission, name, &request, &counters)
+            {
                 continue;
             }
             count_delivery(name, "accepted");
@@ -171,8 +175,6 @@ async fn run_delivery(
                 counters.clone(),
             );
             state.channels.spawn(slot, counters.clone(), job);
-            metrics::gauge!(prometheus::CHANNEL_QUEUE_DEPTH, "channel" => name.to_owned())
-                .set(counters.queue_depth.load(Ordering::Relaxed) as f64);
         } else {
             let _in_flight = admission.enter().map_err(|refusal| {
                 ChannelCounters::add(&counters.overloaded);
@@ -182,20 +184,101 @@ async fn run_delivery(
             if !first_delivery(state, name, &message, &counters).await {
                 continue;
             }
+            // Until the answer is built, the delivery is forgotten if this
+            // ends any other way (the flow fails, the client goes away), so
+            // the sender's next attempt runs.
+            let mut seen = ForgetUnlessAnswered::new(state, name, &message);
+            if !within_rate(&admission, name, &request, &counters) {
+                seen.answered();
+                continue;
+            }
             count_delivery(name, "accepted");
             span.record("trace_id", request.trace_id.as_str());
             ChannelCounters::add(&counters.turns);
             let outcome = run_logged_turn(state, &deployment, &request, deadline, started)
                 .await
-                .map_err(IntoResponse::into_response)?;
+                .map_err(|error| {
+                    ChannelCounters::add(&counters.turn_failures);
+                    error.into_response()
+                })?;
             let response = reply_now(&deployment, channel, &message, &request, &outcome);
             if response.status().is_success() {
                 ChannelCounters::add(&counters.replies);
+                seen.answered();
+            } else {
+                ChannelCounters::add(&counters.turn_failures);
             }
             answer = Some(response);
         }
     }
     Ok(answer.unwrap_or_else(|| acknowledgement(channel)))
+}
+
+/// Whether the message is within its user's rate. A platform repeats
+/// whatever it did not see acknowledged, and Telegram holds back a bot's
+/// later updates until then: a message over the rate is dropped (logged
+/// and counted), not refused.
+fn within_rate(
+    admission: &admission::Admission,
+    name: &str,
+    request: &TurnRequest,
+    counters: &ChannelCounters,
+) -> bool {
+    if admission.check_user(&request.user_id).is_ok() {
+        return true;
+    }
+    ChannelCounters::add(&counters.rate_limited);
+    count_delivery(name, "rate_limited");
+    tracing::warn!(event_type = "channel_delivery", channel = %name, user_id = %request.user_id, code = "rate_limited", "Message dropped: its user is over the rate limit");
+    false
+}
+
+/// 503 when the background queue is full.
+fn queue_full() -> ApiError {
+    ApiError {
+        retry_after: Some(super::OVERLOADED_RETRY_AFTER_SECONDS),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the channels' queue of messages to answer is full; deliver again shortly",
+        )
+    }
+}
+
+/// A delivery recorded as seen, forgotten when dropped before `answered`.
+struct ForgetUnlessAnswered {
+    pending: Option<(Arc<AppState>, String, String)>,
+}
+
+impl ForgetUnlessAnswered {
+    fn new(state: &Arc<AppState>, name: &str, message: &Message) -> ForgetUnlessAnswered {
+        ForgetUnlessAnswered {
+            pending: message
+                .id
+                .as_ref()
+                .map(|id| (state.clone(), name.to_owned(), id.clone())),
+        }
+    }
+
+    fn answered(&mut self) {
+        self.pending = None;
+    }
+}
+
+impl Drop for ForgetUnlessAnswered {
+    fn drop(&mut self) {
+        let Some((state, name, id)) = self.pending.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                state
+                    .channels
+                    .forget_delivery(state.sessions.as_ref(), &name, &id)
+                    .await;
+            });
+        }
+    }
 }
 
 /// The channel of that name, when the live project declares it and its
@@ -207,10 +290,12 @@ fn live_channel<'d>(deployment: &'d Deployment, name: &str) -> Result<&'d Channe
             "not_found",
             format!("no channel `{name}` is declared"),
         )),
+        // Answered like an undeclared one: a scan learns nothing of which
+        // secrets are unset (`/health` and the start-up log say it).
         Some(channel) if !channel.enabled() => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("channel `{name}` is disabled: its secrets are not set"),
+            format!("no channel `{name}` is declared"),
         )),
         Some(channel) => Ok(channel),
     }
@@ -269,19 +354,19 @@ async fn first_delivery(
 /// The answer to a delivery that runs nothing now.
 fn acknowledgement(channel: &Channel) -> Response {
     match &channel.kind {
-        ChannelKind::Twilio(_) => twiml(None),
+        ChannelKind::Twilio(_) => twiml_response(channels::twilio::twiml(None)),
         ChannelKind::Webhook(_) => axum::Json(json!({})).into_response(),
         _ => StatusCode::OK.into_response(),
     }
 }
 
-fn twiml(reply: Option<&str>) -> Response {
+fn twiml_response(document: String) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static(channels::twilio::TWIML_CONTENT_TYPE),
         )],
-        channels::twilio::twiml(reply),
+        document,
     )
         .into_response()
 }
@@ -294,58 +379,23 @@ fn reply_now(
     request: &TurnRequest,
     outcome: &crate::engine::TurnOutcome,
 ) -> Response {
-    match (&channel.kind, &message.reply_to) {
-        (ChannelKind::Twilio(_), _) => twiml(Some(&outcome.reply_text)),
-        (ChannelKind::Webhook(webhook), ReplyTo::Webhook { body }) => match &webhook.reply {
-            WebhookReply::Response(template) => {
-                let context = reply_context(body, request, outcome);
-                match deployment
-                    .project
-                    .templates
-                    .render_value(template, &context)
-                {
-                    Ok(value) => axum::Json(value).into_response(),
-                    Err(error) => {
-                        tracing::error!(event_type = "template_error", channel = %channel.name, error = %error, "The channel's reply template failed");
-                        ApiError {
-                            trace_id: Some(request.trace_id.clone()),
-                            ..ApiError::new(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "template_error",
-                                "the channel could not build its answer; the trace id identifies it in the logs",
-                            )
-                        }
-                        .into_response()
-                    }
-                }
+    match channels::reply(&deployment.project, channel, message, request, outcome) {
+        Ok(Reply::TwiML(document)) => twiml_response(document),
+        Ok(Reply::Json(value)) => axum::Json(value).into_response(),
+        Ok(Reply::Api(_) | Reply::Service { .. }) => acknowledgement(channel),
+        Err(error) => {
+            tracing::error!(event_type = "template_error", channel = %channel.name, error = %error, "The channel's reply template failed");
+            ApiError {
+                trace_id: Some(request.trace_id.clone()),
+                ..ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "template_error",
+                    "the channel could not build its answer; the trace id identifies it in the logs",
+                )
             }
-            WebhookReply::Call { .. } => acknowledgement(channel),
-        },
-        _ => acknowledgement(channel),
+            .into_response()
+        }
     }
-}
-
-/// The context of a webhook's reply templates.
-fn reply_context(
-    body: &Json,
-    request: &TurnRequest,
-    outcome: &crate::engine::TurnOutcome,
-) -> minijinja::Value {
-    channels::webhook_reply_context(
-        body,
-        &[
-            ("reply_text", json!(outcome.reply_text)),
-            ("decision", json!(outcome.decision)),
-            ("route", json!(outcome.route)),
-            ("intent", json!(outcome.intent)),
-            ("data", outcome.data.clone().unwrap_or(Json::Null)),
-            ("text", json!(request.text)),
-            ("user_id", json!(request.user_id)),
-            ("session_id", json!(request.session_id)),
-            ("trace_id", json!(request.trace_id)),
-            ("channel", json!(request.channel)),
-        ],
-    )
 }
 
 /// A background turn: runs the flow, then sends the reply through the
@@ -377,7 +427,7 @@ async fn reply_later(
         let Ok(outcome) = run_logged_turn(&state, &deployment, &request, deadline, started).await
         else {
             // Logged as the flow's failure; there is no reply to send.
-            ChannelCounters::add(&counters.outbound_failures);
+            ChannelCounters::add(&counters.turn_failures);
             return;
         };
         if outcome.reply_text.trim().is_empty() {
@@ -387,13 +437,14 @@ async fn reply_later(
         let sent = send_reply(&state, &deployment, channel, &message, &request, &outcome).await;
         let latency_ms = (started.elapsed().as_micros() as f64 / 10.0).round() / 100.0;
         match sent {
-            Ok(span) => {
+            Ok((span, to)) => {
                 ChannelCounters::add(&counters.replies);
                 count_reply(&name, "ok");
                 tracing::info!(
                     event_type = "channel_reply",
                     io = "out",
                     channel = %name,
+                    to = %to,
                     status = span.status,
                     attempts = span.attempts,
                     send_ms = span.latency_ms,
@@ -417,8 +468,6 @@ async fn reply_later(
                 );
             }
         }
-        metrics::gauge!(prometheus::CHANNEL_QUEUE_DEPTH, "channel" => name.clone())
-            .set(counters.queue_depth.load(Ordering::Relaxed).saturating_sub(1) as f64);
     }
     .instrument(span)
     .await;
@@ -444,47 +493,37 @@ async fn send_reply(
     message: &Message,
     request: &TurnRequest,
     outcome: &crate::engine::TurnOutcome,
-) -> Result<services::ServiceSpan, SendError> {
+) -> Result<(services::ServiceSpan, String), SendError> {
     let trace = trace_headers(&request.trace_id);
-    let (service, mode, body) = match (&channel.kind, &message.reply_to) {
-        (ChannelKind::Webhook(webhook), ReplyTo::Webhook { body }) => {
-            let WebhookReply::Call {
-                service,
-                body: template,
-            } = &webhook.reply
-            else {
-                return Err((
-                    "internal",
-                    "the channel replies in its response".to_owned(),
-                    None,
-                ));
-            };
-            let body = match template {
-                Some(template) => {
-                    let context = reply_context(body, request, outcome);
-                    deployment
-                        .project
-                        .templates
-                        .render_value(template, &context)
-                        .map_err(|error| ("template_error", error.to_string(), None))?
-                }
-                None => json!({ "reply_text": outcome.reply_text, "route": outcome.route }),
-            };
+    let reply = channels::reply(&deployment.project, channel, message, request, outcome)
+        .map_err(|error| ("template_error", error, None))?;
+    let (service, mode, body, to) = match reply {
+        Reply::Service { service, body } => {
             let mode = deployment
                 .modes
                 .get(service.0 as usize)
                 .cloned()
                 .unwrap_or(ServiceMode::Mock);
-            (deployment.project.service(*service), mode, body)
+            let service = deployment.project.service(service);
+            (service, mode, body, format!("service `{}`", service.name))
         }
-        _ => {
-            let (Some(service), Some(outbound)) = (
-                &channel.delivery,
-                channels::outbound(channel, message, &outcome.reply_text),
-            ) else {
+        Reply::Api(outbound) => {
+            let Some(service) = &channel.delivery else {
                 return Err(("internal", "the channel has no reply API".to_owned(), None));
             };
-            (service, ServiceMode::Live(outbound.url), outbound.body)
+            (
+                service,
+                ServiceMode::Live(outbound.url),
+                outbound.body,
+                outbound.shown_url,
+            )
+        }
+        Reply::Json(_) | Reply::TwiML(_) => {
+            return Err((
+                "internal",
+                "the channel replies in its response".to_owned(),
+                None,
+            ));
         }
     };
     let budget = service
@@ -504,7 +543,11 @@ async fn send_reply(
     )
     .await;
     match call.result {
-        Ok(_) => Ok(call.span),
-        Err(error) => Err((error.code.as_str(), error.message, Some(call.span))),
+        Ok(_) => Ok((call.span, to)),
+        Err(error) => Err((
+            error.code.as_str(),
+            format!("{} (to {to})", error.message),
+            Some(call.span),
+        )),
     }
 }

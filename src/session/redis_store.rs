@@ -47,16 +47,10 @@ use super::{
 /// (the Python service's).
 pub const DEFAULT_KEY_PREFIX: &str = "mcp:session:";
 
-/// Where channel deliveries are remembered: the session prefix with
-/// `session` made `delivery` (`mcp:delivery:`), else under `mcp:delivery:`,
-/// so that no session id (`<prefix><id>`) can name a delivery's key.
-pub fn delivery_prefix(session_prefix: &str) -> String {
-    if session_prefix.contains("session") {
-        session_prefix.replacen("session", "delivery", 1)
-    } else {
-        format!("mcp:delivery:{session_prefix}")
-    }
-}
+/// What follows the key prefix in the key of a channel delivery: a NUL
+/// byte, which a session's key never holds (`RedisSessionStore::key`
+/// replaces it), so no session id can name a delivery's key.
+pub const DELIVERY_KEY_INFIX: &str = "\0delivery:";
 
 /// Time one connection attempt may take (TCP, TLS, `AUTH`, `SELECT`). Longer
 /// than an operation: the connection manager's own reconnects run in the
@@ -326,9 +320,19 @@ impl RedisSessionStore {
         &self.address
     }
 
-    /// The Redis key of a session.
+    /// The Redis key of a session. A NUL in the id becomes U+FFFD, so that
+    /// no session id reaches the keys of channel deliveries
+    /// (`DELIVERY_KEY_INFIX`).
     pub fn key(&self, session_id: &str) -> String {
-        format!("{}{session_id}", self.key_prefix)
+        if session_id.contains('\0') {
+            format!(
+                "{}{}",
+                self.key_prefix,
+                session_id.replace('\0', "\u{fffd}")
+            )
+        } else {
+            format!("{}{session_id}", self.key_prefix)
+        }
     }
 
     /// Runs one operation within the operation timeout, and records what
@@ -491,15 +495,15 @@ impl SessionStore for RedisSessionStore {
         })
     }
 
-    /// `SET key 1 NX PX ttl`: one round trip, atomic across replicas. The
-    /// key is outside the sessions' prefix, so no session id can name it.
+    /// `SET key 1 NX PX ttl`: one round trip, atomic across replicas. No
+    /// session id can name the key (`DELIVERY_KEY_INFIX`).
     fn first_delivery<'a>(
         &'a self,
         key: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Option<Result<bool, SessionError>>> {
         Box::pin(async move {
-            let key = format!("{}{key}", delivery_prefix(&self.key_prefix));
+            let key = format!("{}{DELIVERY_KEY_INFIX}{key}", self.key_prefix);
             let mut connection = self.connection();
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             let set: Result<Option<String>, SessionError> = self
@@ -515,6 +519,21 @@ impl SessionStore for RedisSessionStore {
                 })
                 .await;
             Some(set.map(|answer| answer.is_some()))
+        })
+    }
+
+    fn forget_delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let key = format!("{}{DELIVERY_KEY_INFIX}{key}", self.key_prefix);
+            let mut connection = self.connection();
+            let _: Result<u64, SessionError> = self
+                .bounded("forget_delivery", async {
+                    redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await;
         })
     }
 

@@ -340,3 +340,144 @@ fn fuzz_findings_are_checked_without_panicking() {
     }
     assert!(checked_any);
 }
+
+#[track_caller]
+fn assert_reported(messages: &[String], prefix: &str) {
+    assert!(
+        messages.iter().any(|m| m.starts_with(prefix)),
+        "no `{prefix}` in {messages:#?}"
+    );
+}
+
+/// Each diagnostic as `code line:column message`.
+fn located(checked: &Checked) -> Vec<String> {
+    checked
+        .diagnostics
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}:{} {}",
+                d.code.as_str(),
+                d.location.line,
+                d.location.column,
+                d.message
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn channel_kinds_and_keys_are_checked_with_hints() {
+    let checked = check(
+        &format!(
+            "{GREET}channels:
+  tg:
+    kind: telegramm
+  sl:
+    kind: slack
+    signing_secret: a-secret-that-is-set
+    secret_token: not-a-slack-key
+  sms:
+    kind: twilio
+    auth_token: twilio-token
+    public_url: https://bot.example.test/channels/sms
+    timeout: 5s
+  wa:
+    kind: whatsapp
+    verify_token: v
+    app_secret: s
+  bad/name:
+    kind: telegram
+"
+        ),
+        &[],
+    );
+    let messages = located(&checked);
+    assert!(checked.project.is_none());
+    let expect = |prefix: &str| assert_reported(&messages, prefix);
+    expect("invalid-value 14:11 unknown channel kind `telegramm`");
+    expect("unknown-key 18:19 `secret_token` is not a key of a `slack` channel");
+    expect("missing-key 15:3 channel `sl` has no `bot_token`");
+    expect("unknown-key 23:14 `timeout` is not a key of a `twilio` channel");
+    expect("missing-key 24:3 channel `wa` has no `access_token`");
+    expect("invalid-value 28:3 channel name `bad/name` cannot be a URL path segment");
+    let hint = checked
+        .diagnostics
+        .iter()
+        .find(|d| d.message.contains("unknown channel kind"))
+        .and_then(|d| d.hint.clone())
+        .unwrap_or_default();
+    assert!(hint.contains("did you mean `telegram`?"), "{hint}");
+}
+
+#[test]
+fn webhook_templates_read_only_their_context_and_the_payload_schema() {
+    let checked = check(
+        &format!(
+            "{GREET}channels:
+  partner:
+    kind: webhook
+    verify: {{ hmac_sha256: {{ header: X-Signature, secret: partner-secret }} }}
+    schema: partner.schema.json
+    request:
+      text: \"{{{{ body.message.txt }}}}\"
+      user_id: \"{{{{ reply_text }}}}\"
+      message_id: \"{{{{ body.id }}}}\"
+    reply:
+      response: {{ text: \"{{{{ reply_txt }}}}\" }}
+"
+        ),
+        &[(
+            "schemas/partner.schema.json",
+            r#"{"type": "object", "properties": {"id": {"type": "string"}, "message": {"type": "object", "properties": {"text": {"type": "string"}}}}}"#,
+        )],
+    );
+    let messages = located(&checked);
+    assert!(checked.project.is_none());
+    let expect = |prefix: &str| assert_reported(&messages, prefix);
+    expect("unknown-response-field 18:30 `body.message` has no field `txt`");
+    expect("unknown-variable 19:20 unknown variable `reply_text`");
+    expect("unknown-variable 22:29 unknown variable `reply_txt`");
+    let hints: Vec<String> = checked
+        .diagnostics
+        .iter()
+        .filter_map(|d| d.hint.clone())
+        .collect();
+    assert!(
+        hints.iter().any(|h| h.contains("did you mean `text`?")),
+        "{hints:#?}"
+    );
+    assert!(
+        hints
+            .iter()
+            .any(|h| h.contains("did you mean `reply_text`?")),
+        "{hints:#?}"
+    );
+}
+
+#[test]
+fn an_unset_channel_secret_is_a_warning_naming_its_variable() {
+    let checked = check(
+        &format!(
+            "{GREET}channels:
+  tg:
+    kind: telegram
+    secret_token: \"${{NOT_SET_TG_SECRET:-}}\"
+    bot_token: \"${{NOT_SET_TG_TOKEN:-}}\"
+"
+        ),
+        &[],
+    );
+    assert_eq!(codes(&checked), [Code::UnsetEnvVar]);
+    assert!(
+        checked.diagnostics[0].message.contains(
+            "channel `tg` is disabled: `NOT_SET_TG_SECRET`, `NOT_SET_TG_TOKEN` are not set"
+        ),
+        "{:#?}",
+        checked.diagnostics
+    );
+    let project = checked
+        .project
+        .expect("a warning does not stop compilation");
+    assert!(!project.channels[0].enabled());
+}

@@ -210,3 +210,85 @@ fn a_test_request_the_request_schema_refuses_fails_like_a_real_request() {
     );
     assert!(stdout.contains("/order_table_number"), "{stdout}");
 }
+
+/// A channel turn whose outbound call is not what the test expects fails
+/// with the body sent, and the bot token never shows in the report.
+#[test]
+fn a_channel_turn_checks_what_goes_back_to_the_platform() {
+    let project = shipped_project_copy();
+    std::fs::create_dir_all(project.path().join("flows/tests")).unwrap();
+    std::fs::write(
+        project.path().join("flows/tests/telegram.yaml"),
+        r#"cases:
+  - name: telegram reply goes to the wrong chat
+    turns:
+      - channel: telegram
+        payload:
+          update_id: 7
+          message: { message_id: 1, from: { id: 42, is_bot: false }, chat: { id: 42, type: private }, date: 1, text: "Can I see the menu?" }
+        expect:
+          route: menu
+          outbound: { to: /sendMessage, body: { chat_id: 43 } }
+  - name: a bot's message runs nothing
+    turns:
+      - channel: telegram
+        payload:
+          update_id: 8
+          message: { message_id: 2, from: { id: 9, is_bot: true }, chat: { id: 42, type: private }, date: 1, text: "Can I see the menu?" }
+        expect: { ignored: true }
+  - name: a user's message is not ignored
+    turns:
+      - channel: telegram
+        payload:
+          update_id: 9
+          message: { message_id: 3, from: { id: 42, is_bot: false }, chat: { id: 42, type: private }, date: 1, text: "hello" }
+        expect: { ignored: true }
+"#,
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"))
+        .arg("test")
+        .arg(project.path())
+        .env("TELEGRAM_SECRET_TOKEN", "telegram-secret-token-for-tests")
+        .env("TELEGRAM_BOT_TOKEN", "123456:never-shown-bot-token")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL flows/tests/telegram.yaml:2:5 telegram reply goes to the wrong chat"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(": turn 1: outbound body"), "{stdout}");
+    assert!(stdout.contains("-  \"chat_id\": 43"), "{stdout}");
+    assert!(stdout.contains("+  \"chat_id\": 42"), "{stdout}");
+    assert!(
+        stdout.contains("PASS flows/tests/telegram.yaml:11:5 a bot's message runs nothing"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL flows/tests/telegram.yaml:18:5 a user's message is not ignored"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("never-shown-bot-token"), "{stdout}");
+}
+
+#[test]
+fn a_channel_turn_names_a_declared_channel() {
+    let project = shipped_project_copy();
+    std::fs::create_dir_all(project.path().join("flows/tests")).unwrap();
+    std::fs::write(
+        project.path().join("flows/tests/bad.yaml"),
+        "cases:\n  - name: x\n    turns:\n      - channel: telegramm\n        payload: { update_id: 1 }\n      - expect: { route: menu }\n",
+    )
+    .unwrap();
+    let output = run_test_command(project.path(), &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown channel `telegramm`"), "{stderr}");
+    assert!(stderr.contains("did you mean `telegram`?"), "{stderr}");
+    assert!(
+        stderr.contains("a turn needs either `request`, or `channel` and `payload`"),
+        "{stderr}"
+    );
+}

@@ -1192,3 +1192,99 @@ async fn disabled_and_undeclared_channels_are_not_found() {
     let telegram = running.channel("telegram").await;
     assert_eq!(count(&telegram, "turns"), 0, "{telegram:#}");
 }
+
+/// A webhook answered in the response whose turn fails (here its reply
+/// template reads a field this payload lacks) is answered 500 and not
+/// recorded as seen: the sender's next attempt of the same id runs.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_failed_synchronous_delivery_runs_again_when_the_sender_retries() {
+    let project = shipped_project_copy();
+    std::fs::write(
+        project.path().join("flows/fragile.yaml"),
+        r#"channels:
+  fragile:
+    kind: webhook
+    verify: { token: { header: X-Token, value: "${PARTNER_SECRET}" } }
+    request: { text: "{{ body.text }}", user_id: "{{ body.user }}", message_id: "{{ body.id }}" }
+    reply: { response: { text: "{{ reply_text }}", note: "{{ body.extra.note }}" } }
+"#,
+    )
+    .unwrap();
+    let running = start(project, &[("PARTNER_SECRET", PARTNER_SECRET)]).await;
+    let token = [("X-Token", PARTNER_SECRET.to_owned())];
+    let without_extra = json!({"id": "f-1", "text": MENU_TEXT, "user": "u-1"}).to_string();
+    let failed = running
+        .post("/channels/fragile", JSON, &token, &without_extra)
+        .await;
+    assert_problem(&failed, 500, "template_error");
+    let with_extra =
+        json!({"id": "f-1", "text": MENU_TEXT, "user": "u-1", "extra": {"note": "n"}}).to_string();
+    // The forgetting runs right after the 500 is sent: poll until the retry
+    // is answered with the reply.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let answered = loop {
+        let retried = running
+            .post("/channels/fragile", JSON, &token, &with_extra)
+            .await;
+        assert_ok(&retried, "the retry");
+        if retried.json().get("note").is_some() {
+            break retried;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retry was taken for a duplicate: {retried:?}\n{}",
+            running.log()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(answered.json()["note"], "n");
+    assert_eq!(answered.json()["text"], running.orchestrated_reply().await);
+    let stats = running.channel("fragile").await;
+    assert_eq!(count(&stats, "turn_failures"), 1, "{stats:#}");
+    assert_eq!(count(&stats, "replies"), 1, "{stats:#}");
+}
+
+/// `/orchestrate` may not act for a channel's users: `user_id` or
+/// `session_id` starting with `<channel>:` is refused unless the caller key
+/// names that channel.
+#[cfg(unix)]
+#[tokio::test]
+async fn orchestrate_cannot_reach_the_sessions_of_a_channel() {
+    let project = shipped_project_copy();
+    let key = "channel-bridge-key-0123456789";
+    std::fs::write(
+        project.path().join("flows/access.yaml"),
+        format!(
+            "access:\n  api_keys:\n    - {{ name: bridge, key: \"{key}\", channels: [web, telegram] }}\n    - {{ name: web, key: \"web-only-key-0123456789\", channels: [web] }}\n"
+        ),
+    )
+    .unwrap();
+    let mut variables = telegram_env("http://127.0.0.1:9");
+    variables.push(("PER_USER_RATE", "100000/s"));
+    let running = start(project, &variables).await;
+    let send = |key: &'static str, body: Json| {
+        let request = running
+            .client
+            .post(running.url("/orchestrate"))
+            .bearer_auth(key)
+            .json(&body);
+        async move { Reply::read(request.send().await.unwrap()).await }
+    };
+    for body in [
+        json!({"text": MENU_TEXT, "user_id": "telegram:42"}),
+        json!({"text": MENU_TEXT, "user_id": "u-1", "session_id": "telegram:42"}),
+    ] {
+        let refused = send("web-only-key-0123456789", body).await;
+        assert_problem(&refused, 403, "forbidden");
+    }
+    let allowed = send(key, json!({"text": MENU_TEXT, "user_id": "telegram:42"})).await;
+    assert_ok(&allowed, "a key that names the channel");
+    // Ids that only look alike are not the channel's.
+    let other = send(
+        "web-only-key-0123456789",
+        json!({"text": MENU_TEXT, "user_id": "telegrammer:1", "session_id": "u-1:telegram"}),
+    )
+    .await;
+    assert_ok(&other, "ids of another shape");
+}

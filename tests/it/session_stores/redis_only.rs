@@ -363,3 +363,46 @@ async fn a_command_redis_refuses_fails_that_turn_only_not_the_store() {
         "the store reconnected"
     );
 }
+
+/// Channel deliveries are remembered with `SET NX` under the prefix and a
+/// NUL byte, which no session key holds: a session id cannot claim or
+/// shadow a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_are_claimed_once_and_no_session_id_reaches_their_keys() {
+    if super::skip_without_redis() {
+        return;
+    }
+    let redis = PrivateRedis::start().await;
+    let store = store_with(&redis.url(), "mcp:session:", OPERATION_TIMEOUT);
+    let ttl = Duration::from_secs(3600);
+    assert!(matches!(
+        store.first_delivery("telegram:1001", ttl).await,
+        Some(Ok(true))
+    ));
+    assert!(matches!(
+        store.first_delivery("telegram:1001", ttl).await,
+        Some(Ok(false))
+    ));
+    let mut admin = redis.admin(&redis.url()).await;
+    let key = "mcp:session:\0delivery:telegram:1001";
+    let remaining: i64 = redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(remaining > 0 && remaining <= 3_600_000, "{remaining}");
+    store.forget_delivery("telegram:1001").await;
+    assert!(matches!(
+        store.first_delivery("telegram:1001", ttl).await,
+        Some(Ok(true))
+    ));
+
+    // A session whose id spells the delivery's key lands elsewhere.
+    let forged = "\0delivery:telegram:1002";
+    assert_ne!(store.key(forged), "mcp:session:\0delivery:telegram:1002");
+    store.apply(forged, &update(json!({"x": 1}))).await.unwrap();
+    assert!(matches!(
+        store.first_delivery("telegram:1002", ttl).await,
+        Some(Ok(true))
+    ));
+}
