@@ -163,3 +163,69 @@ async fn a_session_expires_its_ttl_after_its_last_turn_on_any_replica() {
     assert_eq!(session.turns, 1);
     assert_eq!(session.variables["visited"], true);
 }
+
+/// A platform delivery repeated to another replica is answered once: the
+/// replicas share the seen deliveries (and the sessions) through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_repeated_to_another_replica_runs_once() {
+    if super::skip_without_redis() {
+        return;
+    }
+    const TOKEN: &str = "replica-webhook-token-0123456789";
+    let redis = PrivateRedis::start().await;
+    let project = session_project(0);
+    std::fs::write(
+        project.path().join("flows/channels.yaml"),
+        format!(
+            r#"channels:
+  partner:
+    kind: webhook
+    verify: {{ token: {{ header: X-Token, value: "{TOKEN}" }} }}
+    request: {{ text: "{{{{ body.text }}}}", user_id: "{{{{ body.user }}}}", message_id: "{{{{ body.id }}}}" }}
+    reply: {{ response: {{ text: "{{{{ reply_text }}}}" }} }}
+"#
+        ),
+    )
+    .unwrap();
+    let ttl = Duration::from_secs(600);
+    let start_replica = || {
+        RunningServer::start(
+            replica(
+                project.path(),
+                redis_store(&redis.url(), ttl, GENEROUS_OPERATION_TIMEOUT),
+                GENEROUS_REQUEST_TIMEOUT,
+            ),
+            Duration::from_secs(5),
+        )
+    };
+    let servers = [start_replica().await, start_replica().await];
+    let client = http_client();
+    let deliver = |server: usize, id: &str| {
+        let request = client
+            .post(servers[server].url("/channels/partner"))
+            .header("x-token", TOKEN)
+            .json(&json!({"id": id, "user": "u-7", "text": "visit"}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    assert_eq!(deliver(0, "m-1").await, json!({"text": "Welcome."}));
+    // The same delivery, repeated to the other replica: acknowledged, not run.
+    assert_eq!(deliver(1, "m-1").await, json!({}));
+    // A new message of the same user on the other replica sees the session
+    // the first one left.
+    assert_eq!(deliver(1, "m-2").await, json!({"text": "Welcome back."}));
+    let health: serde_json::Value = client
+        .get(servers[1].url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let partner = &health["channels"][0];
+    assert_eq!(partner["duplicates"], 1, "{partner:#}");
+    assert_eq!(partner["turns"], 1, "{partner:#}");
+}
