@@ -72,7 +72,8 @@ stop_nginx() {
 bench_key=bench-web-app-key-0123456789abcdef
 
 # Sets the array service_env: the environment of `serve` in production
-# mode with every service on the nginx upstream, the caller keys set, and no
+# mode with every service on the nginx upstream, the caller keys and channel
+# secrets set, and no
 # HTTP proxy (which would put service calls on the proxied path); use as
 # env "${service_env[@]}" PORT=... cmd
 set_service_environment() {
@@ -84,6 +85,13 @@ set_service_environment() {
     # as shipped).
     PER_USER_RATE=1000000/s PER_KEY_RATE=1000000/s
     "WEB_APP_API_KEY=$bench_key" PARTNER_API_KEY=bench-partner-key-0123456789abcdef
+    # The example project's channels are declared; production needs their
+    # secrets (the platform APIs are never called by the measured routes).
+    TELEGRAM_SECRET_TOKEN=bench-telegram-secret TELEGRAM_BOT_TOKEN=123:bench-bot-token
+    SLACK_SIGNING_SECRET=bench-slack-signing-secret SLACK_BOT_TOKEN=xoxb-bench
+    WHATSAPP_VERIFY_TOKEN=bench-wa-verify WHATSAPP_APP_SECRET=bench-wa-app-secret
+    WHATSAPP_ACCESS_TOKEN=bench-wa-access TWILIO_AUTH_TOKEN=bench-twilio-token
+    TWILIO_PUBLIC_URL=https://bench.example.test/channels/sms
     "MENU_SERVICE_URL=$upstream/menu" "ORDER_SERVICE_URL=$upstream/order"
     "RECOMMEND_SERVICE_URL=$upstream/recommend" "TRACKING_SERVICE_URL=$upstream/tracking"
     "PROFILE_SERVICE_URL=$upstream/profile")
