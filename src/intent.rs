@@ -19,6 +19,8 @@ use serde::Deserialize;
 
 use crate::project::{CompiledProject, IntentId};
 
+pub mod model;
+
 /// Where a classification came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -103,14 +105,39 @@ fn confidence_for(words: usize) -> f64 {
     }
 }
 
+/// The offline classification: the model learned from the examples, and
+/// the keywords (whole words, the most specific match wins), which decide
+/// unless the match is short and the model is sure of another intent;
+/// below `min_confidence` the fallback intent runs.
 pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classification {
     let normalized = normalize(text);
-    let (intent, confidence) = match project.classifier.keywords.best_match(&normalized) {
-        Some((intent, words)) => (intent, confidence_for(words)),
-        None => (project.classifier.fallback, 0.0),
+    let keyword = project.classifier.keywords.best_match(&normalized);
+    let predicted = project.classifier.model.predict(text);
+    let (intent, confidence) = match (keyword, predicted) {
+        // A short keyword (one or two words: "order", "my profile") says
+        // little when the model is sure of another intent ("is my order
+        // ready" is tracking).
+        (Some((intent, words)), Some(prediction))
+            if words <= MODEL_OVERRULES_WORDS
+                && prediction.intent != intent
+                && prediction.confidence >= MODEL_OVERRULES_CONFIDENCE =>
+        {
+            (prediction.intent, prediction.confidence)
+        }
+        (Some((intent, words)), _) => (intent, confidence_for(words)),
+        (None, Some(prediction)) => (prediction.intent, prediction.confidence),
+        (None, None) => (project.classifier.fallback, 0.0),
     };
     finish(project, text, intent, confidence, Source::Rules, None)
 }
+
+/// Keywords of at most this many words yield to a model sure of another
+/// intent; longer ones ("what do you recommend") always decide.
+const MODEL_OVERRULES_WORDS: usize = 2;
+
+/// How sure the model must be of another intent to overrule a short
+/// keyword.
+const MODEL_OVERRULES_CONFIDENCE: f64 = 0.7;
 
 /// The classification for an intent chosen elsewhere (an LLM answer, a
 /// test's stub): `min_confidence` applies and entities are extracted.

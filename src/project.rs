@@ -111,6 +111,9 @@ pub struct Classifier {
     pub fallback: IntentId,
     /// Every intent's keywords, for the rule classifier.
     pub keywords: KeywordIndex,
+    /// Learned from every intent's examples and keywords: what the rules
+    /// use when no keyword matches.
+    pub model: crate::intent::model::IntentModel,
 }
 
 #[derive(Debug)]

@@ -155,6 +155,19 @@ impl Checker<'_> {
             min_confidence,
             fallback: fallback?,
             keywords: keywords?,
+            model: crate::intent::model::IntentModel::train(
+                &intents
+                    .iter()
+                    .map(|intent| {
+                        intent
+                            .examples
+                            .iter()
+                            .chain(&intent.keywords)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>(),
+            ),
         })
     }
 }

@@ -101,9 +101,11 @@ async fn serve_dir(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let source = Source {
         dir: dir.clone(),
-        variables: variables
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        // The tests' fixed environment (lifted per-user rate among it: a
+        // test polls with many turns while a reload runs), then the test's.
+        variables: crate::test_environment()
+            .into_iter()
+            .chain(variables.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
             .collect(),
         environment: Environment::Development,
         force_mock: false,
