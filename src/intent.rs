@@ -112,7 +112,11 @@ fn confidence_for(words: usize) -> f64 {
 pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classification {
     let normalized = normalize(text);
     let keyword = project.classifier.keywords.best_match(&normalized);
-    let predicted = project.classifier.model.predict(text);
+    // A keyword of three words or more decides alone: the model is not asked.
+    let predicted = match keyword {
+        Some((_, words)) if words > MODEL_OVERRULES_WORDS => None,
+        _ => project.classifier.model.predict(text),
+    };
     let (intent, confidence) = match (keyword, predicted) {
         // A short keyword (one or two words: "order", "my profile") says
         // little when the model is sure of another intent ("is my order

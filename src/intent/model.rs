@@ -44,22 +44,6 @@ const GRAM_WEIGHT: f32 = 0.35;
 struct Sparse(Vec<(u32, f32)>);
 
 impl Sparse {
-    fn dot(&self, other: &Sparse) -> f32 {
-        let (mut i, mut j, mut sum) = (0, 0, 0.0);
-        while i < self.0.len() && j < other.0.len() {
-            match self.0[i].0.cmp(&other.0[j].0) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    sum += self.0[i].1 * other.0[j].1;
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
-        sum
-    }
-
     fn normalised(mut entries: Vec<(u32, f32)>) -> Sparse {
         entries.sort_unstable_by_key(|(id, _)| *id);
         let norm = entries.iter().map(|(_, w)| w * w).sum::<f32>().sqrt();
@@ -72,15 +56,19 @@ impl Sparse {
     }
 }
 
-/// The trained model of a project's intents.
-#[derive(Debug, Default)]
+/// The trained model of a project's intents. `Debug` shows its sizes.
+#[derive(Default)]
 pub struct IntentModel {
-    /// Feature text → id.
-    vocabulary: HashMap<String, u32>,
+    /// Feature hash → id.
+    vocabulary: HashMap<u64, u32, FeatureHashing>,
     /// Inverse document frequency, by feature id.
     idf: Vec<f32>,
     /// Per intent: its examples' vectors and their centroid.
     intents: Vec<Trained>,
+    /// Per feature id, the examples that have it, with its weight there.
+    postings: Vec<Vec<(u32, f32)>>,
+    /// The intent of each example, in the order of the postings.
+    example_intent: Vec<u32>,
     /// Softmax regression over the same features: per intent, a weight per
     /// feature id, and a bias.
     weights: Vec<Vec<f32>>,
@@ -90,7 +78,19 @@ pub struct IntentModel {
 #[derive(Debug, Default)]
 struct Trained {
     examples: Vec<Sparse>,
-    centroid: Sparse,
+    /// Dense, by feature id: a text's cosine with it costs one lookup per
+    /// feature of the text.
+    centroid: Vec<f32>,
+}
+
+impl std::fmt::Debug for IntentModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntentModel")
+            .field("features", &self.idf.len())
+            .field("intents", &self.intents.len())
+            .field("examples", &self.example_intent.len())
+            .finish()
+    }
 }
 
 /// What the model says of a text.
@@ -108,11 +108,11 @@ impl IntentModel {
     /// Trains on `examples[i]`, the texts of intent `i` (its examples and
     /// keywords).
     pub fn train(examples: &[Vec<String>]) -> IntentModel {
-        let documents: Vec<Vec<Vec<(String, f32)>>> = examples
+        let documents: Vec<Vec<Vec<(u64, f32)>>> = examples
             .iter()
             .map(|texts| texts.iter().map(|text| features(text)).collect())
             .collect();
-        let mut vocabulary: HashMap<String, u32> = HashMap::new();
+        let mut vocabulary: HashMap<u64, u32, FeatureHashing> = HashMap::default();
         let mut document_frequency: Vec<u32> = Vec::new();
         let mut total = 0u32;
         for document in documents.iter().flatten() {
@@ -120,7 +120,7 @@ impl IntentModel {
             let mut seen = std::collections::HashSet::new();
             for (feature, _) in document {
                 let next = vocabulary.len() as u32;
-                let id = *vocabulary.entry(feature.clone()).or_insert(next);
+                let id = *vocabulary.entry(*feature).or_insert(next);
                 if id as usize == document_frequency.len() {
                     document_frequency.push(0);
                 }
@@ -137,6 +137,8 @@ impl IntentModel {
             vocabulary,
             idf,
             intents: Vec::new(),
+            postings: Vec::new(),
+            example_intent: Vec::new(),
             weights: Vec::new(),
             biases: Vec::new(),
         };
@@ -152,11 +154,32 @@ impl IntentModel {
                     *sum.entry(*id).or_insert(0.0) += weight;
                 }
             }
-            let centroid = Sparse::normalised(sum.into_iter().collect());
+            let mut centroid = vec![0.0f32; model.idf.len()];
+            for (id, weight) in Sparse::normalised(sum.into_iter().collect()).0 {
+                centroid[id as usize] = weight;
+            }
             model.intents.push(Trained { examples, centroid });
         }
+        model.index_examples();
         model.fit_regression();
         model
+    }
+
+    /// The inverted index of the examples' features.
+    fn index_examples(&mut self) {
+        let mut postings: Vec<Vec<(u32, f32)>> = vec![Vec::new(); self.idf.len()];
+        let mut example_intent = Vec::new();
+        for (intent, trained) in self.intents.iter().enumerate() {
+            for example in &trained.examples {
+                let index = example_intent.len() as u32;
+                example_intent.push(intent as u32);
+                for (id, weight) in &example.0 {
+                    postings[*id as usize].push((index, *weight));
+                }
+            }
+        }
+        self.postings = postings;
+        self.example_intent = example_intent;
     }
 
     /// Softmax regression by stochastic gradient descent with L2, in a
@@ -228,31 +251,60 @@ impl IntentModel {
             .any(|intent| !intent.examples.is_empty())
     }
 
-    fn vector(&self, document: &[(String, f32)]) -> Sparse {
-        let mut weights: HashMap<u32, f32> = HashMap::new();
-        for (feature, weight) in document {
-            if let Some(id) = self.vocabulary.get(feature) {
-                *weights.entry(*id).or_insert(0.0) += weight * self.idf[*id as usize];
+    fn vector(&self, document: &[(u64, f32)]) -> Sparse {
+        let mut weights: Vec<(u32, f32)> = document
+            .iter()
+            .filter_map(|(feature, weight)| {
+                let id = *self.vocabulary.get(feature)?;
+                Some((id, weight * self.idf[id as usize]))
+            })
+            .collect();
+        // A feature seen twice ("is" in "this is it") adds up.
+        weights.sort_unstable_by_key(|(id, _)| *id);
+        weights.dedup_by(|next, kept| {
+            if next.0 == kept.0 {
+                kept.1 += next.1;
+                true
+            } else {
+                false
             }
-        }
-        Sparse::normalised(weights.into_iter().collect())
+        });
+        Sparse::normalised(weights)
     }
 
     /// How like each intent a vector is: the cosine with its nearest
-    /// example blended with the cosine with its centroid.
+    /// example blended with the cosine with its centroid. The examples'
+    /// cosines come from the inverted index, so only the examples that share
+    /// a feature with the text cost anything.
     fn similarities(&self, vector: &Sparse) -> Vec<f32> {
+        let mut dots = vec![0.0f32; self.example_intent.len()];
+        for (id, weight) in &vector.0 {
+            if let Some(postings) = self.postings.get(*id as usize) {
+                for (example, example_weight) in postings {
+                    dots[*example as usize] += weight * example_weight;
+                }
+            }
+        }
+        let mut nearest = vec![0.0f32; self.intents.len()];
+        for (dot, intent) in dots.iter().zip(&self.example_intent) {
+            let best = &mut nearest[*intent as usize];
+            *best = best.max(*dot);
+        }
         self.intents
             .iter()
-            .map(|intent| {
-                if intent.examples.is_empty() || vector.0.is_empty() {
+            .zip(nearest)
+            .map(|(intent, nearest)| {
+                if intent.examples.is_empty() {
                     return 0.0;
                 }
-                let nearest = intent
-                    .examples
+                let centroid: f32 = vector
+                    .0
                     .iter()
-                    .map(|example| vector.dot(example))
-                    .fold(0.0f32, f32::max);
-                NEAREST_WEIGHT * nearest + (1.0 - NEAREST_WEIGHT) * vector.dot(&intent.centroid)
+                    .map(|(id, weight)| {
+                        weight * intent.centroid.get(*id as usize).copied().unwrap_or(0.0)
+                    })
+                    .sum();
+                NEAREST_WEIGHT * nearest + (1.0 - NEAREST_WEIGHT) * centroid
             })
             .collect()
     }
@@ -325,27 +377,71 @@ fn fold_accent(character: char) -> char {
 }
 
 /// The weighted features of a text: its words, its word pairs and the
-/// character 3- to 5-grams of each word within spaces.
-fn features(text: &str) -> Vec<(String, f32)> {
+/// character 3- to 5-grams of each word within spaces, each as a 64-bit
+/// hash of its kind and text (no string is built per feature).
+fn features(text: &str) -> Vec<(u64, f32)> {
     let words = words(text);
-    let mut features = Vec::with_capacity(words.len() * 12);
+    let mut features = Vec::with_capacity(words.len() * 16);
+    let mut padded: Vec<char> = Vec::new();
     for word in &words {
-        features.push((format!("w:{word}"), WORD_WEIGHT));
-        let padded: Vec<char> = format!(" {word} ").chars().collect();
+        features.push((feature_hash(b'w', word.chars()), WORD_WEIGHT));
+        padded.clear();
+        padded.push(' ');
+        padded.extend(word.chars());
+        padded.push(' ');
         for size in 3..=5 {
-            if padded.len() < size {
-                continue;
-            }
             for window in padded.windows(size) {
-                let gram: String = window.iter().collect();
-                features.push((format!("g:{gram}"), GRAM_WEIGHT));
+                features.push((feature_hash(b'g', window.iter().copied()), GRAM_WEIGHT));
             }
         }
     }
     for pair in words.windows(2) {
-        features.push((format!("p:{} {}", pair[0], pair[1]), PAIR_WEIGHT));
+        let text = pair[0]
+            .chars()
+            .chain(std::iter::once(' '))
+            .chain(pair[1].chars());
+        features.push((feature_hash(b'p', text), PAIR_WEIGHT));
     }
     features
+}
+
+/// Keys of the vocabulary are FNV hashes already: a finalising mix (from
+/// MurmurHash3) spreads them over a table's low bits, with no SipHash.
+type FeatureHashing = std::hash::BuildHasherDefault<FeatureHasher>;
+
+#[derive(Default)]
+struct FeatureHasher(u64);
+
+impl std::hash::Hasher for FeatureHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        let mut mixed = (value ^ (value >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        mixed ^= mixed >> 33;
+        self.0 = mixed;
+    }
+}
+
+/// FNV-1a over a kind byte and the characters of a feature.
+fn feature_hash(kind: u8, characters: impl Iterator<Item = char>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut hash = (OFFSET ^ u64::from(kind)).wrapping_mul(PRIME);
+    for character in characters {
+        let mut buffer = [0u8; 4];
+        for byte in character.encode_utf8(&mut buffer).bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(PRIME);
+        }
+    }
+    hash
 }
 
 /// Turns logits into probabilities in place.
