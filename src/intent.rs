@@ -113,24 +113,22 @@ pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classificatio
     let normalized = normalize(text);
     let keyword = project.classifier.keywords.best_match(&normalized);
     // A keyword of three words or more decides alone: the model is not asked.
-    let predicted = match keyword {
-        Some((_, words)) if words > MODEL_OVERRULES_WORDS => None,
-        _ => project.classifier.model.predict(text),
-    };
-    let (intent, confidence) = match (keyword, predicted) {
+    let model = &project.classifier.model;
+    let (intent, confidence) = match keyword {
+        // A keyword of three words or more decides alone: the model is not
+        // asked.
+        Some((intent, words)) if words > MODEL_OVERRULES_WORDS => (intent, confidence_for(words)),
         // A short keyword (one or two words: "order", "my profile") says
         // little when the model is sure of another intent ("is my order
         // ready" is tracking).
-        (Some((intent, words)), Some(prediction))
-            if words <= MODEL_OVERRULES_WORDS
-                && prediction.intent != intent
-                && prediction.confidence >= MODEL_OVERRULES_CONFIDENCE =>
-        {
-            (prediction.intent, prediction.confidence)
-        }
-        (Some((intent, words)), _) => (intent, confidence_for(words)),
-        (None, Some(prediction)) => (prediction.intent, prediction.confidence),
-        (None, None) => (project.classifier.fallback, 0.0),
+        Some((intent, words)) => match model.overruling(text, intent, MODEL_OVERRULES_CONFIDENCE) {
+            Some(prediction) => (prediction.intent, prediction.confidence),
+            None => (intent, confidence_for(words)),
+        },
+        None => match model.predict(text) {
+            Some(prediction) => (prediction.intent, prediction.confidence),
+            None => (project.classifier.fallback, 0.0),
+        },
     };
     finish(project, text, intent, confidence, Source::Rules, None)
 }

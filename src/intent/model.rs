@@ -312,6 +312,27 @@ impl IntentModel {
     /// The most likely intent of `text`, or `None` when the model has no
     /// example at all or the text has no known feature.
     pub fn predict(&self, text: &str) -> Option<Prediction> {
+        self.predict_unless(text, |_, _| false)
+    }
+
+    /// The prediction for `text` when it would overrule a keyword of
+    /// `intent`: another intent, with a confidence of at least `threshold`.
+    /// Skips the similarity scan when the regression alone rules that out
+    /// (damping only lowers a confidence), which is most turns.
+    pub fn overruling(&self, text: &str, intent: IntentId, threshold: f64) -> Option<Prediction> {
+        self.predict_unless(text, |best, probability| {
+            best == intent || f64::from(probability) < threshold
+        })
+        .filter(|prediction| prediction.intent != intent && prediction.confidence >= threshold)
+    }
+
+    /// `predict`, giving up (`None`) as soon as `give_up(best intent, its
+    /// probability)` says the rest is not needed.
+    fn predict_unless(
+        &self,
+        text: &str,
+        give_up: impl Fn(IntentId, f32) -> bool,
+    ) -> Option<Prediction> {
         let vector = self.vector(&features(text));
         if vector.0.is_empty() || self.weights.is_empty() {
             return None;
@@ -324,6 +345,9 @@ impl IntentModel {
                 .then(a.cmp(b))
         });
         let best = *order.first()?;
+        if give_up(IntentId(best as u32), probabilities[best]) {
+            return None;
+        }
         // The regression spreads its belief over the intents it knows; a
         // text like none of the examples must not borrow it.
         let nearest = self
