@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the request path: rule classification, body
 //! rendering, response validation, and one whole engine turn with an
-//! in-process stub service. Run with `cargo bench --bench hot_path`.
+//! in-process stub service; and of the intent model's training, done at
+//! each load. Run with `cargo bench --bench hot_path`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use mcp_orchestrator::engine::{TurnDeps, TurnRequest, run_turn};
+use mcp_orchestrator::intent::model::IntentModel;
 use mcp_orchestrator::intent::{RuleClassifier, classify_by_rules};
 use mcp_orchestrator::project::{CompiledProject, Service};
 use mcp_orchestrator::services::{
@@ -33,6 +35,59 @@ fn project() -> CompiledProject {
 fn classify_rules(bencher: divan::Bencher, text: &str) {
     let project = project();
     bencher.bench(|| classify_by_rules(divan::black_box(&project), divan::black_box(text)));
+}
+
+/// Training the intent model of the shipped project (its examples and
+/// keywords), as `check` and each reload do.
+#[divan::bench(sample_count = 20)]
+fn train_intent_model_shipped(bencher: divan::Bencher) {
+    let project = project();
+    bencher.bench(|| IntentModel::for_intents(divan::black_box(&project.intents)));
+}
+
+/// Training on 50 intents × 40 examples: sentences over each intent's own
+/// made-up topic words and filler words shared by all (as
+/// `bench/generate-project.py --examples 40` writes).
+#[divan::bench(sample_count = 10)]
+fn train_intent_model_50x40(bencher: divan::Bencher) {
+    const FILLERS: [&str; 8] = [
+        "can you",
+        "i want to",
+        "please",
+        "tell me about",
+        "what about",
+        "i need",
+        "show me",
+        "is there",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
+    let texts: Vec<Vec<String>> = (0..50)
+        .map(|_| {
+            let topics: Vec<String> = (0..6)
+                .map(|_| {
+                    (0..4 + next(6))
+                        .map(|_| char::from(b'a' + next(26) as u8))
+                        .collect()
+                })
+                .collect();
+            (0..40)
+                .map(|_| {
+                    let mut words = vec![FILLERS[next(FILLERS.len())].to_owned()];
+                    for _ in 0..1 + next(3) {
+                        words.push(topics[next(topics.len())].clone());
+                    }
+                    words.join(" ")
+                })
+                .collect()
+        })
+        .collect();
+    bencher.bench(|| IntentModel::train(divan::black_box(&texts)));
 }
 
 #[divan::bench]

@@ -194,6 +194,9 @@ impl<'a> Checker<'a> {
             .map(|(index, intent)| (intent.name.value.as_str(), IntentId(index as u32)))
             .collect();
         let classifier = self.compile_classifier(files, classifier, &intent_ids, &compiled_intents);
+        if let Some(classifier) = &classifier {
+            self.check_examples(&intents, classifier);
+        }
 
         let default_breaker =
             match defaults.and_then(|(file, d)| Some((file, d.value.circuit_breaker.as_ref()?))) {

@@ -54,6 +54,9 @@ pub enum Code {
     FlowWithoutIntent,
     MissingFallback,
     UnsetEnvVar,
+    FewExamples,
+    DuplicateExample,
+    ConfusableExample,
 }
 
 impl Code {
@@ -91,6 +94,9 @@ impl Code {
             Code::FlowWithoutIntent => "flow-without-intent",
             Code::MissingFallback => "missing-fallback",
             Code::UnsetEnvVar => "unset-env-var",
+            Code::FewExamples => "few-examples",
+            Code::DuplicateExample => "duplicate-example",
+            Code::ConfusableExample => "confusable-example",
         }
     }
 
@@ -128,6 +134,9 @@ impl Code {
         Code::FlowWithoutIntent,
         Code::MissingFallback,
         Code::UnsetEnvVar,
+        Code::FewExamples,
+        Code::DuplicateExample,
+        Code::ConfusableExample,
     ];
 }
 

@@ -110,27 +110,50 @@ fn confidence_for(words: usize) -> f64 {
 /// unless the match is short and the model is sure of another intent;
 /// below `min_confidence` the fallback intent runs.
 pub fn classify_by_rules(project: &CompiledProject, text: &str) -> Classification {
-    let normalized = normalize(text);
-    let keyword = project.classifier.keywords.best_match(&normalized);
-    // A keyword of three words or more decides alone: the model is not asked.
-    let model = &project.classifier.model;
-    let (intent, confidence) = match keyword {
-        // A keyword of three words or more decides alone: the model is not
-        // asked.
-        Some((intent, words)) if words > MODEL_OVERRULES_WORDS => (intent, confidence_for(words)),
-        // A short keyword (one or two words: "order", "my profile") says
-        // little when the model is sure of another intent ("is my order
-        // ready" is tracking).
-        Some((intent, words)) => match model.overruling(text, intent, MODEL_OVERRULES_CONFIDENCE) {
-            Some(prediction) => (prediction.intent, prediction.confidence),
-            None => (intent, confidence_for(words)),
-        },
-        None => match model.predict(text) {
-            Some(prediction) => (prediction.intent, prediction.confidence),
-            None => (project.classifier.fallback, 0.0),
-        },
-    };
+    let (intent, confidence) = project.classifier.offline(text);
     finish(project, text, intent, confidence, Source::Rules, None)
+}
+
+impl crate::project::Classifier {
+    /// The offline choice for `text` and its confidence, before
+    /// `min_confidence` applies.
+    pub fn offline(&self, text: &str) -> (IntentId, f64) {
+        let normalized = normalize(text);
+        match self.keywords.best_match(&normalized) {
+            // A keyword of three words or more decides alone: the model is
+            // not asked.
+            Some((intent, words)) if words > MODEL_OVERRULES_WORDS => {
+                (intent, confidence_for(words))
+            }
+            // A short keyword (one or two words: "order", "my profile") says
+            // little when the model is sure of another intent ("is my order
+            // ready" is tracking).
+            Some((intent, words)) => {
+                match self
+                    .model
+                    .overruling(text, intent, MODEL_OVERRULES_CONFIDENCE)
+                {
+                    Some(prediction) => (prediction.intent, prediction.confidence),
+                    None => (intent, confidence_for(words)),
+                }
+            }
+            None => match self.model.predict(text) {
+                Some(prediction) => (prediction.intent, prediction.confidence),
+                None => (self.fallback, 0.0),
+            },
+        }
+    }
+
+    /// The intent the rules run for `text`: the offline choice, or the
+    /// fallback intent below `min_confidence`.
+    pub fn offline_intent(&self, text: &str) -> (IntentId, f64) {
+        let (intent, confidence) = self.offline(text);
+        if confidence < self.min_confidence {
+            (self.fallback, confidence)
+        } else {
+            (intent, confidence)
+        }
+    }
 }
 
 /// Keywords of at most this many words yield to a model sure of another
@@ -353,8 +376,16 @@ fn record_llm_metrics(outcome: &'static str, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
+/// Examples of one intent shown to the LLM, at most.
+pub const LLM_EXAMPLES_PER_INTENT: usize = 5;
+
+/// Characters of examples in the LLM's prompt, at most (about 1,500
+/// tokens), however many intents the project has.
+pub const LLM_EXAMPLE_BUDGET: usize = 6_000;
+
 /// The system prompt and the structured-output schema for the LLM, built
-/// once from the project's intents when the project is compiled.
+/// once from the project's intents when the project is compiled. The prompt
+/// shows a few examples of each intent (`llm_examples`).
 pub fn llm_instructions(intents: &[crate::project::Intent]) -> (String, serde_json::Value) {
     use std::fmt::Write as _;
     let mut prompt = String::from(
@@ -362,13 +393,14 @@ pub fn llm_instructions(intents: &[crate::project::Intent]) -> (String, serde_js
          exactly one of the intents below. Answer with the intent's name and your confidence \
          between 0 and 1.\n\nIntents:\n",
     );
-    for intent in intents {
+    let shown = llm_examples(intents);
+    for (intent, examples) in intents.iter().zip(&shown) {
         let _ = write!(prompt, "- {}", intent.name);
         if !intent.description.is_empty() {
             let _ = write!(prompt, ": {}", intent.description);
         }
         prompt.push('\n');
-        for example in &intent.examples {
+        for example in examples {
             let _ = writeln!(prompt, "    example: {example}");
         }
     }
@@ -383,6 +415,64 @@ pub fn llm_instructions(intents: &[crate::project::Intent]) -> (String, serde_js
         "additionalProperties": false
     });
     (prompt, schema)
+}
+
+/// The examples of each intent the LLM is shown: up to
+/// `LLM_EXAMPLES_PER_INTENT` each, unlike one another (an example sharing
+/// half its words with one already chosen waits for a later round), taken
+/// one round over all intents at a time until `LLM_EXAMPLE_BUDGET`
+/// characters, so every intent keeps some when there are many.
+pub fn llm_examples(intents: &[crate::project::Intent]) -> Vec<Vec<&str>> {
+    let ordered: Vec<Vec<&str>> = intents
+        .iter()
+        .map(|intent| varied_first(&intent.examples))
+        .collect();
+    let mut shown: Vec<Vec<&str>> = vec![Vec::new(); intents.len()];
+    let mut budget = LLM_EXAMPLE_BUDGET;
+    'rounds: for round in 0..LLM_EXAMPLES_PER_INTENT {
+        for (examples, chosen) in ordered.iter().zip(&mut shown) {
+            let Some(example) = examples.get(round) else {
+                continue;
+            };
+            if example.len() > budget {
+                break 'rounds;
+            }
+            budget -= example.len();
+            chosen.push(example);
+        }
+    }
+    shown
+}
+
+/// The examples in their order, but each one that shares half its words
+/// or more with an earlier pick moved after the ones that do not.
+fn varied_first(examples: &[String]) -> Vec<&str> {
+    let words = |text: &str| -> std::collections::BTreeSet<String> {
+        normalize(text)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut picked: Vec<(&str, std::collections::BTreeSet<String>)> = Vec::new();
+    let mut later = Vec::new();
+    for example in examples {
+        let own = words(example);
+        let alike = picked.iter().any(|(_, other)| {
+            let shared = own.intersection(other).count();
+            let union = own.union(other).count();
+            union > 0 && shared * 2 >= union
+        });
+        if alike {
+            later.push(example.as_str());
+        } else {
+            picked.push((example, own));
+        }
+    }
+    picked
+        .into_iter()
+        .map(|(example, _)| example)
+        .chain(later)
+        .collect()
 }
 
 #[cfg(test)]
@@ -443,5 +533,73 @@ mod tests {
         // Overlapping matches are all seen.
         assert_eq!(best("menu order"), Some((IntentId(0), 1)));
         assert_eq!(best("nothing here"), None);
+    }
+
+    fn intent_with_examples(name: &str, examples: &[&str]) -> crate::project::Intent {
+        crate::project::Intent {
+            name: name.to_owned(),
+            description: String::new(),
+            examples: examples.iter().map(|e| (*e).to_owned()).collect(),
+            keywords: Vec::new(),
+            entities: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_llm_sees_a_few_varied_examples_of_each_intent() {
+        let intents = [
+            intent_with_examples(
+                "menu",
+                &[
+                    "show me the menu",
+                    "show me the menu please",
+                    "what do you serve",
+                    "can I see the menu",
+                    "which desserts do you have",
+                    "menu",
+                    "what's on the menu today",
+                    "do you have vegan dishes",
+                ],
+            ),
+            intent_with_examples("track", &["where is my order"]),
+        ];
+        let shown = llm_examples(&intents);
+        // "show me the menu please" shares most of its words with the first
+        // pick, so it waits and the fifth place goes to another wording.
+        assert_eq!(
+            shown[0],
+            [
+                "show me the menu",
+                "what do you serve",
+                "can I see the menu",
+                "which desserts do you have",
+                "menu",
+            ]
+        );
+        assert_eq!(shown[1], ["where is my order"]);
+        let (prompt, _) = llm_instructions(&intents);
+        assert!(
+            prompt.contains("- track\n    example: where is my order\n"),
+            "{prompt}"
+        );
+        assert!(!prompt.contains("show me the menu please"), "{prompt}");
+    }
+
+    #[test]
+    fn the_examples_in_the_llm_prompt_stay_within_the_budget_for_every_intent() {
+        let long = "a rather long example sentence of some sixty characters each";
+        let intents: Vec<_> = (0..200)
+            .map(|index| {
+                intent_with_examples(&format!("intent{index}"), &[long, "short one", "x y"])
+            })
+            .collect();
+        let shown = llm_examples(&intents);
+        let characters: usize = shown.iter().flatten().map(|example| example.len()).sum();
+        assert!(characters <= LLM_EXAMPLE_BUDGET, "{characters}");
+        // The first round reaches every intent that fits before the
+        // budget ends; none gets a second example before all got a first.
+        let first_round = shown.iter().filter(|examples| !examples.is_empty()).count();
+        assert_eq!(first_round, LLM_EXAMPLE_BUDGET / long.len());
+        assert!(shown.iter().all(|examples| examples.len() <= 1));
     }
 }

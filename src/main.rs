@@ -53,9 +53,13 @@ struct TestArgs {
     /// Project directory (holds `flows/` and `schemas/`).
     #[arg(env = "MCP_PROJECT_DIR", default_value = ".")]
     dir: PathBuf,
-    /// Run only the cases whose name contains this text.
-    #[arg(long)]
+    /// Run only the cases whose name contains this text (no golden set).
+    #[arg(long, conflicts_with = "golden_only")]
     filter: Option<String>,
+    /// Run only the golden sets: the classifiers' accuracy, per intent,
+    /// and the intents taken for one another.
+    #[arg(long)]
+    golden_only: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = TestFormat::Human)]
     format: TestFormat,
@@ -552,7 +556,11 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
     };
     let tests = flowtest::load_tests(&args.dir, &environment);
     let started = std::time::Instant::now();
-    let results = flowtest::run(&project, &tests, args.filter.as_deref());
+    let selection = flowtest::Selection {
+        filter: args.filter.as_deref(),
+        golden_only: args.golden_only,
+    };
+    let results = flowtest::run(&project, &tests, selection);
     let elapsed = started.elapsed();
     let coverage = args
         .coverage
@@ -568,7 +576,7 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
     }
     if results.cases.is_empty() && results.golden.is_empty() {
         eprintln!(
-            "error: no test case ran (is `flows/tests/` empty, or does --filter match nothing?)"
+            "error: no test case ran (is `flows/tests/` empty, does --filter match nothing, or has no test file a golden set?)"
         );
         return Ok(EXIT_INVALID_PROJECT);
     }

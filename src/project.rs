@@ -120,7 +120,8 @@ pub struct Classifier {
 pub struct LlmSettings {
     pub model: String,
     pub timeout: Duration,
-    /// The system prompt: every intent with its description and examples.
+    /// The system prompt: every intent with its description and a few of
+    /// its examples (`intent::llm_examples`).
     pub prompt: String,
     /// Structured-output schema: `intent` is an enum of the declared names.
     pub answer_schema: serde_json::Value,

@@ -166,11 +166,15 @@ pub const FLOW_FILE_KEYS: &[&str] = &[
 pub struct Intent {
     /// What the user wants, in a sentence; given to the LLM classifier.
     pub description: Option<Text>,
-    /// Example phrasings; given to the LLM classifier.
+    /// Example phrasings, as customers would type them: the offline
+    /// classifier learns the intent from them (with the keywords), and the
+    /// LLM is shown a few. `check` warns below 5.
     #[serde(default)]
     pub examples: Vec<Text>,
-    /// Words or phrases that select this intent in the rule classifier.
-    /// Matched as whole words, case-insensitively; longer phrases win.
+    /// Words or phrases that select this intent in the offline classifier.
+    /// Matched as whole words, case-insensitively; longer phrases win. One or
+    /// two words yield to a model sure of another intent; three or more
+    /// always decide.
     #[serde(default)]
     pub keywords: Vec<Text>,
     /// Values taken from the user's text by regular expression.

@@ -155,20 +155,135 @@ impl Checker<'_> {
             min_confidence,
             fallback: fallback?,
             keywords: keywords?,
-            model: crate::intent::model::IntentModel::train(
-                &intents
-                    .iter()
-                    .map(|intent| {
-                        intent
-                            .examples
-                            .iter()
-                            .chain(&intent.keywords)
-                            .cloned()
-                            .collect::<Vec<_>>()
-                    })
-                    .collect::<Vec<_>>(),
-            ),
+            model: crate::intent::model::IntentModel::for_intents(intents),
         })
+    }
+}
+
+/// An intent with fewer examples than this gets a `few-examples` warning
+/// (once any intent of the project has examples).
+pub const MIN_EXAMPLES: usize = 5;
+
+impl Checker<'_> {
+    /// Authoring help for the examples the classifiers learn from: an
+    /// intent with few of them, the same example under two intents, and an
+    /// example the offline classifier sends to another intent.
+    pub(super) fn check_examples(
+        &mut self,
+        intents: &[Defined<'_, spec::Intent>],
+        classifier: &project::Classifier,
+    ) {
+        if !self.complete || intents.iter().all(|intent| intent.spec.examples.is_empty()) {
+            return;
+        }
+        for intent in intents {
+            let count = intent.spec.examples.len();
+            if count < MIN_EXAMPLES {
+                let location = self.location(intent.file, intent.name, intent.name.value.len());
+                self.push(
+                    Diagnostic::warning(
+                        Code::FewExamples,
+                        location,
+                        format!(
+                            "intent `{}` has {count} example{}; the classifiers learn an intent from at least {MIN_EXAMPLES}",
+                            intent.name.value,
+                            if count == 1 { "" } else { "s" },
+                        ),
+                    )
+                    .with_hint("add examples worded as customers would: short and long, polite and terse, with the typos people make"),
+                );
+            }
+        }
+        // The same words (case, accents and punctuation aside) twice.
+        let mut seen: HashMap<String, (usize, &Path, &spec::Text)> = HashMap::new();
+        let mut duplicated = std::collections::HashSet::new();
+        for (index, intent) in intents.iter().enumerate() {
+            for example in &intent.spec.examples {
+                let key = crate::intent::normalize(&example.value);
+                if key.trim().is_empty() {
+                    continue;
+                }
+                match seen.get(&key) {
+                    None => {
+                        seen.insert(key, (index, intent.file, example));
+                    }
+                    Some((first_index, first_file, first)) => {
+                        let first_name = &intents[*first_index].name.value;
+                        let related = self.location(first_file, first, first.value.chars().count());
+                        let location =
+                            self.location(intent.file, example, example.value.chars().count());
+                        let (message, hint) = if *first_index == index {
+                            (
+                                format!(
+                                    "example \"{}\" is listed twice under intent `{first_name}`",
+                                    example.value
+                                ),
+                                "remove one of them".to_owned(),
+                            )
+                        } else {
+                            (
+                                format!(
+                                    "example \"{}\" of intent `{}` is also an example of intent `{first_name}`",
+                                    example.value, intent.name.value
+                                ),
+                                "keep it under the one intent it means".to_owned(),
+                            )
+                        };
+                        self.push(
+                            Diagnostic::warning(Code::DuplicateExample, location, message)
+                                .with_hint(hint)
+                                .with_related(related, "first listed here"),
+                        );
+                        duplicated.insert(key);
+                    }
+                }
+            }
+        }
+        for (index, intent) in intents.iter().enumerate() {
+            let own = IntentId(index as u32);
+            for example in &intent.spec.examples {
+                if duplicated.contains(&crate::intent::normalize(&example.value)) {
+                    continue;
+                }
+                let (chosen, confidence) = classifier.offline_intent(&example.value);
+                if chosen == own {
+                    continue;
+                }
+                let Some(competing) = intents.get(chosen.0 as usize) else {
+                    continue;
+                };
+                let location = self.location(intent.file, example, example.value.chars().count());
+                let related =
+                    self.location(competing.file, competing.name, competing.name.value.len());
+                let why = if chosen == classifier.fallback && confidence < classifier.min_confidence
+                {
+                    format!(
+                        "the fallback intent `{}` (confidence {confidence:.2}, below `min_confidence` {})",
+                        competing.name.value, classifier.min_confidence
+                    )
+                } else {
+                    format!(
+                        "intent `{}` (confidence {confidence:.2})",
+                        competing.name.value
+                    )
+                };
+                self.push(
+                    Diagnostic::warning(
+                        Code::ConfusableExample,
+                        location,
+                        format!(
+                            "example \"{}\" of intent `{}` is classified as {why}",
+                            example.value, intent.name.value
+                        ),
+                    )
+                    .with_hint(format!(
+                        "add examples that tell `{}` from `{}` apart, or reword this one; a keyword of three words or more always decides",
+                        intent.name.value, competing.name.value
+                    ))
+                    .with_related(related, "the competing intent"),
+                );
+            }
+        }
     }
 }
 

@@ -505,9 +505,29 @@ pub struct GoldenResult {
     pub min_accuracy: f64,
     /// (text, expected, actual, position)
     pub misclassified: Vec<(String, String, String, Position)>,
+    /// Per intent the set expects, in the project's order: (intent,
+    /// correct, total).
+    pub by_intent: Vec<(String, usize, usize)>,
 }
 
 impl GoldenResult {
+    /// The intents taken for one another: (expected, actual, how many
+    /// texts), the most frequent first.
+    pub fn confusions(&self) -> Vec<(&str, &str, usize)> {
+        let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+        for (_, expected, actual, _) in &self.misclassified {
+            *counts
+                .entry((expected.as_str(), actual.as_str()))
+                .or_default() += 1;
+        }
+        let mut pairs: Vec<(&str, &str, usize)> = counts
+            .into_iter()
+            .map(|((expected, actual), count)| (expected, actual, count))
+            .collect();
+        pairs.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (a.0, a.1).cmp(&(b.0, b.1))));
+        pairs
+    }
+
     pub fn accuracy(&self) -> f64 {
         if self.total == 0 {
             1.0
@@ -540,9 +560,21 @@ impl Report {
     }
 }
 
-/// Runs every case whose name contains `filter`, in parallel, and every
-/// golden set.
-pub fn run(project: &CompiledProject, tests: &LoadedTests, filter: Option<&str>) -> Report {
+/// Which tests to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Selection<'a> {
+    /// Only the cases whose name contains this text (and no golden set).
+    pub filter: Option<&'a str>,
+    /// Only the golden sets, no case.
+    pub golden_only: bool,
+}
+
+/// Runs the selected cases, in parallel, and the golden sets.
+pub fn run(project: &CompiledProject, tests: &LoadedTests, selection: Selection<'_>) -> Report {
+    let Selection {
+        filter,
+        golden_only,
+    } = selection;
     let cases: Vec<(&Path, &Spanned<Case>)> = tests
         .files
         .iter()
@@ -553,6 +585,7 @@ pub fn run(project: &CompiledProject, tests: &LoadedTests, filter: Option<&str>)
                 .map(move |case| (file.as_path(), case))
         })
         .filter(|(_, case)| filter.is_none_or(|filter| case.value.name.value.contains(filter)))
+        .filter(|_| !golden_only)
         .collect();
     let results: Vec<Mutex<Option<CaseResult>>> = cases.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
@@ -603,9 +636,22 @@ fn run_golden(
 ) -> GoldenResult {
     let mut correct = 0;
     let mut misclassified = Vec::new();
+    // (correct, total) by intent id; a name no intent has is reported by
+    // `check` and counts nowhere here.
+    let mut by_intent = vec![(0usize, 0usize); project.intents.len()];
     for example in &golden.value.examples {
         let classification = intent::classify_by_rules(project, &example.value.text.value);
         let actual = &project.intent(classification.intent).name;
+        let expected = project
+            .intents
+            .iter()
+            .position(|intent| intent.name == example.value.intent.value);
+        if let Some(score) = expected.and_then(|index| by_intent.get_mut(index)) {
+            score.1 += 1;
+            if *actual == example.value.intent.value {
+                score.0 += 1;
+            }
+        }
         if *actual == example.value.intent.value {
             correct += 1;
         } else {
@@ -624,6 +670,13 @@ fn run_golden(
         correct,
         min_accuracy: golden.value.min_accuracy.value,
         misclassified,
+        by_intent: project
+            .intents
+            .iter()
+            .zip(by_intent)
+            .filter(|(_, (_, total))| *total > 0)
+            .map(|(intent, (correct, total))| (intent.name.clone(), correct, total))
+            .collect(),
     }
 }
 

@@ -37,6 +37,27 @@ pub fn human(report: &Report, coverage: Option<&Coverage>, elapsed: std::time::D
             golden.accuracy() * 100.0,
             golden.min_accuracy * 100.0
         );
+        let width = golden
+            .by_intent
+            .iter()
+            .map(|(intent, _, _)| intent.len())
+            .max()
+            .unwrap_or(0);
+        for (intent, correct, total) in &golden.by_intent {
+            let _ = writeln!(
+                out,
+                "    {intent:<width$}  {correct:>3}/{total:<3}  {:5.1}%",
+                *correct as f64 * 100.0 / (*total).max(1) as f64
+            );
+        }
+        let confusions = golden.confusions();
+        if !confusions.is_empty() {
+            let pairs: Vec<String> = confusions
+                .iter()
+                .map(|(expected, actual, count)| format!("{expected} → {actual} ×{count}"))
+                .collect();
+            let _ = writeln!(out, "    taken for another: {}", pairs.join(", "));
+        }
         for (text, expected, actual, position) in &golden.misclassified {
             let _ = writeln!(
                 out,

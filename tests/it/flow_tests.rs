@@ -39,7 +39,7 @@ fn shipped_tests_cover_every_route_and_a_golden_set_of_forty() {
         .unwrap();
     let tests = flowtest::load_tests(&repository_root(), &test_environment());
     assert!(tests.diagnostics.is_empty(), "{:#?}", tests.diagnostics);
-    let report = flowtest::run(&project, &tests, None);
+    let report = flowtest::run(&project, &tests, Default::default());
     assert!(report.passed());
     let coverage = flowtest::coverage(&project, &report);
     assert_eq!(coverage.unreached_routes, Vec::<String>::new());
@@ -156,7 +156,7 @@ fn stubbed_timeouts_run_on_the_test_clock() {
         .project
         .unwrap_or_else(|| panic!("{:#?}", checked.diagnostics));
     let tests = flowtest::load_tests(project.path(), &test_environment());
-    let report = flowtest::run(&compiled, &tests, None);
+    let report = flowtest::run(&compiled, &tests, Default::default());
     let case = &report.cases[0];
     assert!(case.passed(), "{:#?}", case.failures);
     eprintln!(
@@ -291,4 +291,117 @@ fn a_channel_turn_names_a_declared_channel() {
         stderr.contains("a turn needs either `request`, or `channel` and `payload`"),
         "{stderr}"
     );
+}
+
+#[test]
+fn golden_only_reports_accuracy_per_intent_and_the_intents_taken_for_one_another() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(project.path().join("flows/tests")).unwrap();
+    std::fs::write(
+        project.path().join("flows/main.yaml"),
+        r#"
+intents:
+  hello:
+    keywords: [hello, hi]
+  bye:
+    keywords: [bye, goodbye]
+classifier:
+  fallback: hello
+flows:
+  main:
+    intents: [hello, bye]
+    steps:
+      - reply: "ok"
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        project.path().join("flows/tests/golden.yaml"),
+        r#"
+cases:
+  - name: a case that --golden-only leaves out
+    turns:
+      - request: { text: "hello" }
+        expect: { reply: "not what the flow says" }
+golden:
+  min_accuracy: 0.5
+  examples:
+    - { text: "hello there", intent: hello }
+    - { text: "hi", intent: hello }
+    - { text: "bye now", intent: bye }
+    - { text: "goodbye", intent: bye }
+    - { text: "hi and goodbye... no, hello", intent: bye }
+"#,
+    )
+    .unwrap();
+    let output = run_test_command(project.path(), &["--golden-only"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("a case that"), "{stdout}");
+    assert!(
+        stdout.contains("golden intents: 4/5 correct (80.0%)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("    hello    2/2    100.0%"), "{stdout}");
+    assert!(stdout.contains("    bye      2/3     66.7%"), "{stdout}");
+    assert!(
+        stdout.contains("taken for another: bye → hello ×1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 passed, 0 failed"), "{stdout}");
+
+    // Without it, the failing case runs too.
+    let output = run_test_command(project.path(), &[]);
+    assert_eq!(output.status.code(), Some(1));
+}
+
+/// The shipped golden set measures what the model learned: none of its
+/// texts is an example, and there are enough of them for every intent.
+#[test]
+fn the_shipped_golden_set_holds_no_example_and_covers_every_intent() {
+    let project = mcp_orchestrator::check::check_project(&repository_root(), &test_environment())
+        .project
+        .unwrap();
+    let tests = flowtest::load_tests(&repository_root(), &test_environment());
+    let examples: std::collections::HashSet<String> = project
+        .intents
+        .iter()
+        .flat_map(|intent| &intent.examples)
+        .map(|example| mcp_orchestrator::intent::normalize(example).replace(' ', ""))
+        .collect();
+    let report = flowtest::run(
+        &project,
+        &tests,
+        flowtest::Selection {
+            golden_only: true,
+            ..Default::default()
+        },
+    );
+    let golden = &report.golden[0];
+    assert!(golden.total >= 150, "{} texts", golden.total);
+    for (_, test_file) in &tests.files {
+        for example in test_file.golden.iter().flat_map(|g| &g.value.examples) {
+            let text =
+                mcp_orchestrator::intent::normalize(&example.value.text.value).replace(' ', "");
+            assert!(
+                !examples.contains(&text),
+                "{:?} is an example",
+                example.value.text.value
+            );
+        }
+    }
+    for intent in &project.intents {
+        assert!(
+            intent.examples.len() >= 20,
+            "{}: {} examples",
+            intent.name,
+            intent.examples.len()
+        );
+        let (_, _, total) = golden
+            .by_intent
+            .iter()
+            .find(|(name, _, _)| *name == intent.name)
+            .unwrap_or_else(|| panic!("no golden text for {}", intent.name));
+        assert!(*total >= 10, "{}: {total} golden texts", intent.name);
+    }
 }
