@@ -139,6 +139,7 @@ fn engine_turn(bencher: divan::Bencher, text: &str) {
         trace_id: "0af7651916cd43dd8448eb211c80319c".to_owned(),
         tenant: None,
         input: serde_json::Map::new(),
+        direct: None,
     };
     let breakers = CircuitBreakers::default();
     bencher.bench(|| {

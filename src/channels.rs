@@ -90,6 +90,7 @@ impl Message {
             trace_id,
             tenant: None,
             input,
+            direct: None,
         }
     }
 }

@@ -29,6 +29,7 @@ mod names;
 mod schemas;
 mod services;
 mod templates;
+mod tools;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};

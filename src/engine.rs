@@ -14,8 +14,10 @@ use minijinja::Value;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::intent::Classifier;
-use crate::project::{Action, Call, CompiledProject, Decision, Flow, Service, Step, StepSource};
+use crate::intent::{Classification, Classifier};
+use crate::project::{
+    Action, Call, CompiledProject, Decision, Flow, FlowId, Service, Step, StepSource,
+};
 use crate::services::{
     self, CircuitBreakers, ServiceError, ServiceMode, ServiceSpan, TraceHeaders, Transport,
 };
@@ -37,6 +39,8 @@ pub struct TurnRequest {
     pub tenant: Option<String>,
     /// Every other field of the request.
     pub input: serde_json::Map<String, serde_json::Value>,
+    /// Runs this flow, with no classification: an MCP tool call.
+    pub direct: Option<FlowId>,
 }
 
 /// Everything a turn needs from outside.
@@ -115,17 +119,12 @@ enum Control {
     Reply(ReplyOut),
 }
 
-/// Runs one turn.
-pub async fn run_turn(
-    deps: &TurnDeps<'_>,
-    request: &TurnRequest,
-) -> Result<TurnOutcome, TurnError> {
-    let project = deps.project;
-    // Classification counts against the request's deadline too: past it,
-    // the rules decide at once.
-    let classification = match tokio::time::timeout_at(
+/// The classification of a turn: the classifier's, within the request's
+/// deadline; past it, the rules decide at once.
+async fn classify(deps: &TurnDeps<'_>, request: &TurnRequest) -> Classification {
+    match tokio::time::timeout_at(
         deps.deadline,
-        deps.classifier.classify(project, &request.text),
+        deps.classifier.classify(deps.project, &request.text),
     )
     .await
     {
@@ -136,17 +135,79 @@ pub async fn run_turn(
                 reason = "request deadline",
                 "Classification did not finish before the request's deadline; using the rules"
             );
-            let mut classification = crate::intent::classify_by_rules(project, &request.text);
+            let mut classification = crate::intent::classify_by_rules(deps.project, &request.text);
             classification.fallback_reason = Some("the request's deadline passed".to_owned());
             classification
         }
+    }
+}
+
+/// What a tool call stands for: the tool's intent (the flow's first; the
+/// tool's name for a flow only agents run), sure, with the entities taken
+/// from the arguments of the same names.
+fn direct_classification<'p>(
+    project: &'p CompiledProject,
+    flow: &'p Flow,
+    request: &TurnRequest,
+) -> (&'p str, Classification) {
+    let tool = flow.tool.as_ref();
+    let entities = tool
+        .map(|tool| {
+            tool.entities
+                .iter()
+                .filter_map(|name| {
+                    let value = match request.input.get(name)? {
+                        serde_json::Value::String(text) => text.clone(),
+                        serde_json::Value::Number(number) => number.to_string(),
+                        serde_json::Value::Bool(flag) => flag.to_string(),
+                        _ => return None,
+                    };
+                    Some((name.clone(), value))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let intent = tool.and_then(|tool| tool.intent);
+    let name = match (intent, tool) {
+        (Some(intent), _) => project.intent(intent).name.as_str(),
+        (None, Some(tool)) => tool.name.as_str(),
+        (None, None) => flow.name.as_str(),
     };
-    let intent = project.intent(classification.intent);
-    let flow = project.flow_for(classification.intent);
+    (
+        name,
+        Classification {
+            intent: intent.unwrap_or(project.classifier.fallback),
+            confidence: 1.0,
+            entities,
+            source: crate::intent::Source::Tool,
+            fallback_reason: None,
+        },
+    )
+}
+
+/// Runs one turn.
+pub async fn run_turn(
+    deps: &TurnDeps<'_>,
+    request: &TurnRequest,
+) -> Result<TurnOutcome, TurnError> {
+    let project = deps.project;
+    let (intent_name, classification, flow) = match request.direct {
+        Some(flow_id) => {
+            let flow = project.flow(flow_id);
+            let (name, classification) = direct_classification(project, flow, request);
+            (name, classification, flow)
+        }
+        None => {
+            let classification = classify(deps, request).await;
+            let intent = project.intent(classification.intent);
+            let flow = project.flow_for(classification.intent);
+            (intent.name.as_str(), classification, flow)
+        }
+    };
     tracing::debug!(
         event_type = "intent_classified",
         io = "none",
-        intent = %intent.name,
+        intent = %intent_name,
         confidence = classification.confidence,
         source = classification.source.as_str(),
         "Intent classified"
@@ -187,7 +248,7 @@ pub async fn run_turn(
     context.insert(
         "intent",
         map_value([
-            ("name", Value::from(intent.name.as_str())),
+            ("name", Value::from(intent_name)),
             ("confidence", Value::from(classification.confidence)),
             ("entities", Value::from(classification.entities.clone())),
         ]),
@@ -249,7 +310,7 @@ pub async fn run_turn(
         decision: reply.decision,
         reply_text: reply.text,
         route: reply.route,
-        intent: intent.name.clone(),
+        intent: intent_name.to_owned(),
         intent_confidence: classification.confidence,
         intent_source: classification.source.as_str(),
         service_spans: run.spans,

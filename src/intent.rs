@@ -26,6 +26,8 @@ pub mod model;
 pub enum Source {
     Rules,
     Llm,
+    /// No classification: an MCP tool call names its flow.
+    Tool,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
         match self {
             Source::Rules => "rules",
             Source::Llm => "llm",
+            Source::Tool => "tool",
         }
     }
 }

@@ -31,8 +31,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the flow project behind `POST /orchestrate` and `GET /health`.
-    Serve(ServeArgs),
+    /// Serve the flow project behind `POST /orchestrate`, `/mcp` and `GET /health`.
+    Serve(Box<ServeArgs>),
     /// Check a flow project and report every problem, for CI and editors.
     Check(CheckArgs),
     /// Run the conversation tests in `flows/tests/`, with stubbed services.
@@ -120,6 +120,14 @@ struct ServeArgs {
     /// Most connections open at once; past it new ones wait to be accepted.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
+    /// `Host` values `/mcp` accepts, comma-separated; `*` for any. Default:
+    /// `localhost`, `127.0.0.1` and `::1` (DNS-rebinding protection).
+    #[arg(long, env = "MCP_ALLOWED_HOSTS")]
+    mcp_allowed_hosts: Option<String>,
+    /// Browser `Origin` values `/mcp` accepts, comma-separated, with scheme
+    /// (`https://app.example.com`); default: any.
+    #[arg(long, env = "MCP_ALLOWED_ORIGINS")]
+    mcp_allowed_origins: Option<String>,
     /// On SIGTERM/SIGINT, time in-flight requests get to finish.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: std::time::Duration,
@@ -180,7 +188,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check(args) => check(args),
         Command::Test(args) => test(args),
         Command::Schema(args) => {
@@ -401,6 +409,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                     idle_timeout: args.idle_timeout,
                     max_connections: args.max_connections,
                 },
+                mcp: server::mcp::McpSettings::from_values(
+                    args.mcp_allowed_hosts.as_deref(),
+                    args.mcp_allowed_origins.as_deref(),
+                ),
             },
             reload: std::sync::Mutex::new(Default::default()),
             admission: Default::default(),

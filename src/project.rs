@@ -80,6 +80,21 @@ impl CompiledProject {
         self.flow(self.flow_for_intent[intent.0 as usize])
     }
 
+    /// The flow served as the MCP tool `name`.
+    pub fn tool(&self, name: &str) -> Option<(FlowId, &FlowTool)> {
+        self.flows.iter().enumerate().find_map(|(index, flow)| {
+            flow.tool
+                .as_ref()
+                .filter(|tool| tool.name == name)
+                .map(|tool| (FlowId(index as u32), tool))
+        })
+    }
+
+    /// Every flow served as a tool, in file order.
+    pub fn tools(&self) -> impl Iterator<Item = &FlowTool> {
+        self.flows.iter().filter_map(|flow| flow.tool.as_ref())
+    }
+
     pub fn intent_by_name(&self, name: &str) -> Option<IntentId> {
         self.intents
             .iter()
@@ -219,6 +234,25 @@ pub struct Flow {
     pub steps: Vec<Step>,
     /// Runs when a call without its own `on_error` fails; ends with a reply.
     pub on_error: Option<Vec<Step>>,
+    /// Served as an MCP tool at `/mcp`.
+    pub tool: Option<FlowTool>,
+}
+
+/// A flow served as an MCP tool.
+#[derive(Debug)]
+pub struct FlowTool {
+    /// Unique in the project.
+    pub name: String,
+    pub description: String,
+    /// The arguments' JSON Schema (an object schema), MCP's `inputSchema`.
+    pub input_schema: Arc<serde_json::Value>,
+    pub validator: Arc<Validator>,
+    /// The intent a tool call reports (`intent.name`): the flow's first.
+    /// `None` for a flow only agents run.
+    pub intent: Option<IntentId>,
+    /// The entities of the flow's intents: a tool call's argument of the
+    /// same name fills `intent.entities.<name>`.
+    pub entities: Vec<String>,
 }
 
 /// Where a step was written, for coverage and error messages.

@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 mod channels;
 mod connections;
+pub mod mcp;
 
 pub use connections::{ConnectionSettings, MAX_HEAD_BYTES};
 
@@ -151,6 +152,8 @@ pub struct RuntimeSettings {
     /// How long a head and an idle connection may take; how many
     /// connections may be open.
     pub connections: ConnectionSettings,
+    /// Who may reach `/mcp`: allowed `Host` and `Origin` values.
+    pub mcp: mcp::McpSettings,
 }
 
 /// Everything the handlers share. Each field says why it is here.
@@ -177,7 +180,14 @@ pub struct AppState {
 
 /// The router, for the server and for in-process tests.
 pub fn app(state: Arc<AppState>) -> Router {
+    let mcp = Router::new()
+        .nest_service("/mcp", mcp::service(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            mcp::gate,
+        ));
     Router::new()
+        .merge(mcp)
         .route("/orchestrate", post(orchestrate))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -201,6 +211,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/health" => "/health",
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
+        "/mcp" => "/mcp",
         _ if path.starts_with("/channels/") => "/channels",
         _ => "unmatched",
     }
@@ -411,7 +422,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; use POST /orchestrate, POST /channels/{name}, GET /health, GET /metrics or GET /openapi.json",
+        "no such route; use POST /orchestrate, POST /channels/{name}, POST /mcp, GET /health, GET /metrics or GET /openapi.json",
     )
 }
 
@@ -779,6 +790,7 @@ pub fn turn_request(
         trace_id,
         tenant,
         input: body,
+        direct: None,
     })
 }
 
@@ -832,7 +844,7 @@ fn optional_string(
 
 /// A new trace id: 32 lowercase hex digits from the thread's CSPRNG (no
 /// system call per request), never all zeros.
-fn new_trace_id() -> String {
+pub(crate) fn new_trace_id() -> String {
     format!("{:032x}", rand::random::<u128>().max(1))
 }
 

@@ -304,8 +304,28 @@ pub struct Flow {
     pub intents: Option<Spanned<Vec<Name>>>,
     /// Handles a failed call that has no `on_error` of its own.
     pub on_error: Option<Box<Spanned<Step>>>,
+    /// Serves the flow as a tool to AI agents at `/mcp`: a tool call runs
+    /// the flow directly, with the arguments as `input`.
+    pub tool: Option<Spanned<FlowTool>>,
     /// The steps, run in order until one replies.
     pub steps: Steps,
+}
+
+/// A flow served as an MCP tool.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowTool {
+    /// The tool's name: letters, digits, `_`, `-` and `.`, at most 128;
+    /// unique in the project.
+    pub name: Text,
+    /// What the tool does, for the agent choosing among tools.
+    pub description: Text,
+    /// JSON Schema of the arguments, inline: an object schema whose
+    /// properties are the `input` fields the flow reads.
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub input: Option<Spanned<TemplateValue>>,
+    /// Or the same, from a file under `schemas/`.
+    pub schema: Option<Text>,
 }
 
 /// One step. Exactly one of `call`, `reply`, `set`, `then`, `switch`,

@@ -72,6 +72,15 @@ pub struct Telemetry {
 pub fn filter(level: &str, log_payloads: bool) -> Result<EnvFilter, String> {
     let mut filter = EnvFilter::try_new(level)
         .map_err(|error| format!("invalid LOG_LEVEL `{level}`: {error}"))?;
+    // The MCP SDK logs every stateless request's start and end, and a
+    // client's bad arguments as a warning; the turn's own lines say what
+    // matters. `LOG_LEVEL=info,rmcp=info` brings them back.
+    if !level.contains("rmcp") {
+        let directive = "rmcp=error"
+            .parse()
+            .map_err(|error| format!("invalid directive: {error}"))?;
+        filter = filter.add_directive(directive);
+    }
     if log_payloads {
         let directive = format!("{PAYLOAD_TARGET}=debug")
             .parse()

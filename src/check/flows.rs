@@ -69,6 +69,9 @@ pub(super) struct FlowFacts<'s> {
     pub(super) step_ids: HashSet<String>,
     /// Entity names of the intents that trigger the flow; `None` when unknown.
     pub(super) entities: Option<BTreeSet<String>>,
+    /// The input schema of the flow's tool: paths into `input` must exist
+    /// in it.
+    pub(super) tool_input: Option<Arc<Json>>,
 }
 
 /// The compiled form of a step list, and whether every path through it replies.
@@ -129,8 +132,16 @@ impl Checker<'_> {
                         .collect(),
                 )
             };
-            compiled_flows.push(self.compile_flow(flow, entities, service_ids, compiled_services));
+            let first_intent = triggers.first().map(|(_, id)| *id);
+            compiled_flows.push(self.compile_flow(
+                flow,
+                entities,
+                first_intent,
+                service_ids,
+                compiled_services,
+            ));
         }
+        self.check_tool_names(flows);
         (compiled_flows, flow_of_intent)
     }
 
@@ -209,6 +220,8 @@ impl Checker<'_> {
                     ),
                 );
             }
+            // A tool-only flow is run by agents, not by intents.
+            (None, None) if spec.tool.is_some() => {}
             (None, None) => {
                 let location = self.location(flow.file, flow.name, flow.name.value.len());
                 self.push(
@@ -237,10 +250,20 @@ impl Checker<'_> {
         &mut self,
         flow: &Defined<'_, spec::Flow>,
         entities: Option<BTreeSet<String>>,
+        first_intent: Option<IntentId>,
         service_ids: &HashMap<&str, ServiceId>,
         services: &[Option<project::Service>],
     ) -> Option<project::Flow> {
         let spec = flow.spec;
+        let tool = spec.tool.as_ref().map(|tool| {
+            self.compile_tool(
+                flow.file,
+                &flow.name.value,
+                tool,
+                first_intent,
+                entities.iter().flatten().cloned().collect(),
+            )
+        });
         let mut step_ids = HashSet::new();
         let mut first_id: HashMap<String, Position> = HashMap::new();
         let mut all_steps: Vec<&spec::Step> = Vec::new();
@@ -286,6 +309,9 @@ impl Checker<'_> {
             name: &flow.name.value,
             step_ids,
             entities,
+            tool_input: tool
+                .as_ref()
+                .and_then(|tool| Some(tool.as_ref()?.schema.clone())),
         };
         let mut scope = Scope::default();
         let steps =
@@ -315,6 +341,10 @@ impl Checker<'_> {
             steps: steps.steps,
             on_error: match on_error {
                 Some(compiled) => Some(compiled?),
+                None => None,
+            },
+            tool: match tool {
+                Some(compiled) => Some(compiled?.tool),
                 None => None,
             },
         })
@@ -845,6 +875,7 @@ impl Checker<'_> {
                         name: "defaults",
                         step_ids: HashSet::new(),
                         entities: None,
+                        tool_input: None,
                     };
                     self.compile_text(file, text, &scope, &facts)?
                 }

@@ -280,7 +280,7 @@ fn shift(failure: PathFailure) -> PathFailure {
 }
 
 /// Adds every property marked `x-sensitive: true` to the redaction list.
-fn collect_sensitive(node: &Json, out: &mut BTreeSet<String>, depth: usize) {
+pub(super) fn collect_sensitive(node: &Json, out: &mut BTreeSet<String>, depth: usize) {
     if depth > MAX_SCHEMA_DEPTH {
         return;
     }

@@ -190,14 +190,12 @@ impl Checker<'_> {
             if vars.roots.contains(&root) {
                 if root == "body"
                     && let Some(schema) = &vars.body_schema
-                    && let Err(failure) = schema_path(schema, schema, &segments[1..], 0)
                 {
-                    self.report_path(
+                    self.check_schema_path(
                         file,
                         position,
                         &segments,
-                        failure.segment + 1,
-                        &failure.candidates,
+                        schema,
                         "the payload schema of this channel",
                         Code::UnknownResponseField,
                     );
@@ -319,15 +317,12 @@ impl Checker<'_> {
                 continue;
             }
             if let Some(binding) = scope.get(root) {
-                if let Binding::Response(Some(schema)) = binding
-                    && let Err(failure) = schema_path(schema, schema, &segments[1..], 0)
-                {
-                    self.report_path(
+                if let Binding::Response(Some(schema)) = binding {
+                    self.check_schema_path(
                         file,
                         position,
                         &segments,
-                        failure.segment + 1,
-                        &failure.candidates,
+                        schema,
                         "the response schema of this call",
                         Code::UnknownResponseField,
                     );
@@ -335,7 +330,20 @@ impl Checker<'_> {
                 continue;
             }
             match root {
-                "text" | "user_id" | "channel" | "session_id" | "trace_id" | "tenant" | "input"
+                "input" => {
+                    if let Some(schema) = &facts.tool_input {
+                        self.check_schema_path(
+                            file,
+                            position,
+                            &segments,
+                            schema,
+                            "the input schema of this flow's tool",
+                            Code::UnknownVariable,
+                        );
+                    }
+                    continue;
+                }
+                "text" | "user_id" | "channel" | "session_id" | "trace_id" | "tenant"
                 | "session" => continue,
                 "intent" => {
                     if let Some(field) = segments.get(1) {
@@ -412,6 +420,30 @@ impl Checker<'_> {
                 known.push("error");
             }
             self.unknown_variable(location, root, &known);
+        }
+    }
+
+    /// A dotted path (`root.a.b`) below its root must exist in `schema`;
+    /// else the first segment that does not is reported, with `code`.
+    fn check_schema_path(
+        &mut self,
+        file: &Path,
+        position: Position,
+        segments: &[&str],
+        schema: &Json,
+        what: &str,
+        code: Code,
+    ) {
+        if let Err(failure) = schema_path(schema, schema, &segments[1..], 0) {
+            self.report_path(
+                file,
+                position,
+                segments,
+                failure.segment + 1,
+                &failure.candidates,
+                what,
+                code,
+            );
         }
     }
 

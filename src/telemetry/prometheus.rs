@@ -53,6 +53,8 @@ pub const CHANNEL_DELIVERIES_TOTAL: &str = "mcp_channel_deliveries_total";
 pub const CHANNEL_REPLIES_TOTAL: &str = "mcp_channel_replies_total";
 /// Messages in the background queue of each channel.
 pub const CHANNEL_QUEUE_DEPTH: &str = "mcp_channel_queue_depth";
+/// MCP tool calls that ran their flow, by tool, caller, route and decision.
+pub const TOOL_CALLS_TOTAL: &str = "mcp_tool_calls_total";
 
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -77,6 +79,7 @@ pub const ALL: &[&str] = &[
     CHANNEL_DELIVERIES_TOTAL,
     CHANNEL_REPLIES_TOTAL,
     CHANNEL_QUEUE_DEPTH,
+    TOOL_CALLS_TOTAL,
 ];
 
 /// Histogram buckets, in seconds: from 1 ms to 10 s.
@@ -191,6 +194,10 @@ fn describe() {
     metrics::describe_counter!(
         CHANNEL_DELIVERIES_TOTAL,
         "Channel deliveries, by channel and outcome"
+    );
+    metrics::describe_counter!(
+        TOOL_CALLS_TOTAL,
+        "MCP tool calls that ran their flow, by tool, caller, route and decision"
     );
     metrics::describe_counter!(
         CHANNEL_REPLIES_TOTAL,

@@ -481,3 +481,121 @@ fn an_unset_channel_secret_is_a_warning_naming_its_variable() {
         .expect("a warning does not stop compilation");
     assert!(!project.channels[0].enabled());
 }
+
+/// A flow served as an MCP tool, with `tool` spliced in.
+fn tool_flow(tool: &str, steps: &str) -> String {
+    format!("flows:\n  f:\n    intent: hello\n    tool:\n{tool}\n    steps:\n{steps}\n")
+}
+
+#[test]
+fn a_tool_compiles_with_its_schema_and_intent() {
+    let checked = check(
+        &tool_flow(
+            "      name: track.order-v2\n      description: Where an order is.\n      input: { type: object, properties: { order_id: { type: string, pattern: '^ORD-\\d+$' } } }",
+            "      - reply: \"{{ input.order_id }}\"",
+        ),
+        &[],
+    );
+    assert_eq!(codes(&checked), [], "{:#?}", checked.diagnostics);
+    let project = checked.project.unwrap();
+    let (_, tool) = project.tool("track.order-v2").unwrap();
+    assert_eq!(tool.description, "Where an order is.");
+    assert!(
+        tool.validator
+            .is_valid(&serde_json::json!({"order_id": "ORD-1"}))
+    );
+    assert!(
+        !tool
+            .validator
+            .is_valid(&serde_json::json!({"order_id": "1"}))
+    );
+    assert_eq!(tool.intent, project.intent_by_name("hello"));
+}
+
+#[test]
+fn a_tool_input_path_must_exist_in_its_input_schema() {
+    let checked = check(
+        &tool_flow(
+            "      name: t\n      description: d\n      input: { type: object, properties: { order_id: { type: string } } }",
+            "      - reply: \"{{ input.ordr_id }}\"",
+        ),
+        &[],
+    );
+    assert_eq!(
+        codes(&checked),
+        [Code::UnknownVariable],
+        "{:#?}",
+        checked.diagnostics
+    );
+    assert_eq!(
+        checked.diagnostics[0].hint.as_deref(),
+        Some("did you mean `order_id`?")
+    );
+    assert!(
+        checked.diagnostics[0]
+            .message
+            .contains("input schema of this flow's tool"),
+        "{}",
+        checked.diagnostics[0].message
+    );
+}
+
+#[test]
+fn tool_names_schemas_and_descriptions_are_checked() {
+    for (tool, expected) in [
+        (
+            "      name: track order\n      description: d\n      input: { type: object }",
+            Code::InvalidValue,
+        ),
+        (
+            "      name: t\n      description: \"  \"\n      input: { type: object }",
+            Code::InvalidValue,
+        ),
+        ("      name: t\n      description: d", Code::MissingKey),
+        (
+            "      name: t\n      description: d\n      input: { type: string }",
+            Code::SchemaInvalid,
+        ),
+        (
+            "      name: t\n      description: d\n      input: { type: object, properties: 3 }",
+            Code::SchemaInvalid,
+        ),
+        (
+            "      name: t\n      description: d\n      input: { type: object }\n      schema: t.schema.json",
+            Code::MisplacedKey,
+        ),
+        (
+            "      name: t\n      description: d\n      schema: missing.schema.json",
+            Code::SchemaMissing,
+        ),
+    ] {
+        let checked = check(&tool_flow(tool, "      - reply: ok"), &[]);
+        assert_eq!(
+            codes(&checked),
+            [expected],
+            "{tool}: {:#?}",
+            checked.diagnostics
+        );
+        assert!(checked.diagnostics[0].location.line > 0, "{tool}");
+    }
+}
+
+#[test]
+fn a_tool_schema_may_come_from_a_file_and_two_flows_cannot_share_a_tool_name() {
+    let checked = check(
+        "flows:\n  f:\n    intent: hello\n    tool: { name: t, description: d, schema: t.schema.json }\n    steps:\n      - reply: \"{{ input.n }}\"\n  g:\n    tool: { name: t, description: d, input: { type: object } }\n    steps:\n      - reply: ok\n",
+        &[(
+            "schemas/t.schema.json",
+            r#"{"type": "object", "properties": {"n": {"type": "integer"}}}"#,
+        )],
+    );
+    // `g` has no intent but a tool: agents run it, so no
+    // `flow-without-intent` warning.
+    assert_eq!(
+        codes(&checked),
+        [Code::DuplicateName],
+        "{:#?}",
+        checked.diagnostics
+    );
+    assert_eq!(checked.diagnostics[0].related.len(), 1);
+}

@@ -121,6 +121,7 @@ async fn serve_dir(
             environment: Environment::Development,
             request_timeout: Duration::from_secs(30),
             connections: Default::default(),
+            mcp: mcp_orchestrator::server::mcp::McpSettings::from_values(None, None),
         },
         reload: Mutex::new(Default::default()),
         admission: Default::default(),

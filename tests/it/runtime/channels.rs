@@ -23,7 +23,6 @@
 //! fake API received.
 
 use std::cell::RefCell;
-use std::process::Child;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,7 +30,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{Value as Json, json};
 
-use super::serve_binary::{listening_port, serve_command, stderr_lines};
+use super::serve_binary::{KillOnDrop, listening_port, serve_command, stderr_lines};
 use super::{Received, Stub, http_client, json_response};
 use crate::{repository_root, shipped_project_copy};
 
@@ -85,16 +84,6 @@ services:
     timeout: 5s
     retry: { attempts: 3, backoff: 50ms }
 "#;
-
-/// Kills the binary when the test ends, passed or failed.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The binary, serving a project copy on its own port.
 struct Running {

@@ -12,6 +12,7 @@ mod concurrency;
 mod edge;
 mod hardened_http;
 mod llm_classifier;
+mod mcp;
 mod observability;
 mod openapi;
 mod request_fields;
@@ -146,6 +147,7 @@ impl Harness {
                 environment: options.environment,
                 request_timeout: options.request_timeout,
                 connections: Default::default(),
+                mcp: mcp_orchestrator::server::mcp::McpSettings::from_values(None, None),
             },
             reload: Mutex::new(Default::default()),
             admission: Default::default(),

@@ -63,6 +63,7 @@ async fn the_document_is_served_and_names_exactly_the_routes() {
         [
             "/channels/{name}",
             "/health",
+            "/mcp",
             "/metrics",
             "/openapi.json",
             "/orchestrate"

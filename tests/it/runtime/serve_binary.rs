@@ -164,10 +164,11 @@ fn serve_with_an_invalid_project_exits_one_with_the_location() {
     assert!(stderr.contains("not starting"), "{stderr}");
 }
 
-/// Kills the child when the test fails before it exits.
-struct KillOnDrop(Option<Child>);
+/// Kills the child when the test fails before it exits; `None` once it
+/// has been waited for.
+struct KillUnlessWaited(Option<Child>);
 
-impl Drop for KillOnDrop {
+impl Drop for KillUnlessWaited {
     fn drop(&mut self) {
         if let Some(child) = &mut self.0 {
             let _ = child.kill();
@@ -182,7 +183,7 @@ async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
     let child = serve_command(&[("MCP_PROJECT_DIR", repository_root().to_str().unwrap())])
         .spawn()
         .unwrap();
-    let mut child = KillOnDrop(Some(child));
+    let mut child = KillUnlessWaited(Some(child));
     // The log says where it listens: `{"address":"0.0.0.0:<port>",...}`.
     let lines = stderr_lines(child.0.as_mut().unwrap());
     let mut logged = Vec::new();
@@ -224,6 +225,16 @@ async fn serve_runs_on_mocks_in_development_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(code, Some(0));
+}
+
+/// Kills a spawned binary when the test ends, passed or failed.
+pub(crate) struct KillOnDrop(pub(crate) Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The child's stderr, line by line, read on a thread of its own.
@@ -280,7 +291,7 @@ async fn serve_ships_logs_to_loki_and_flushes_them_on_sigterm() {
     ])
     .spawn()
     .unwrap();
-    let mut child = KillOnDrop(Some(child));
+    let mut child = KillUnlessWaited(Some(child));
     let lines = stderr_lines(child.0.as_mut().unwrap());
     let mut logged = Vec::new();
     let port = listening_port(&lines, &mut logged, EXIT_DEADLINE);

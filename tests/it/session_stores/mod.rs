@@ -354,6 +354,7 @@ pub fn replica(
             environment: Environment::Development,
             request_timeout,
             connections: Default::default(),
+            mcp: mcp_orchestrator::server::mcp::McpSettings::from_values(None, None),
         },
         reload: Mutex::new(Default::default()),
         admission: Default::default(),

@@ -2,26 +2,16 @@
 //! starts while Redis is down, keeps sessions in Redis once it is up, and
 //! never prints the URL's password.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
 use super::{PrivateRedis, WAIT_DEADLINE, free_port, session_project, wait_until};
 use crate::runtime::http_client;
-use crate::runtime::serve_binary::{listening_port, serve_command, stderr_lines};
+use crate::runtime::serve_binary::{KillOnDrop, listening_port, serve_command, stderr_lines};
 
 const PASSWORD: &str = "binary-redis-password-never-printed";
-
-/// Kills the child when the test fails before it exits.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

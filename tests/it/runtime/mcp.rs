@@ -1,0 +1,366 @@
+//! `/mcp` on the real binary, with the official SDK's client: the shipped
+//! flows listed and called as tools, over the 2025 revisions (with
+//! `initialize`) and the stateless 2026 one; invalid arguments; caller
+//! keys, the key's channels and the allowed hosts; `tools/list` after an
+//! edit; each call a turn in the logs and metrics.
+
+use std::cell::RefCell;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ErrorCode,
+    Implementation, ProtocolVersion,
+};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientLifecycleMode, ClientServiceExt, ServiceError, ServiceExt};
+use serde_json::{Value as Json, json};
+
+use super::http_client;
+use super::serve_binary::{KillOnDrop, listening_port, serve_command, stderr_lines};
+use crate::shipped_project_copy;
+
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long an edit may take to show in `tools/list`, on a loaded machine.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(25);
+
+const PARTNER_KEY: &str = "partner-key-for-mcp-tests-0123456789";
+const WEB_APP_KEY: &str = "web-app-key-for-mcp-tests-0123456789";
+
+struct Running {
+    port: u16,
+    _child: KillOnDrop,
+    project: tempfile::TempDir,
+    lines: Receiver<String>,
+    logged: RefCell<Vec<String>>,
+}
+
+/// The shipped project, served by the binary with both caller keys set.
+async fn start() -> Running {
+    let project = shipped_project_copy();
+    let dir = project.path().to_str().unwrap().to_owned();
+    let mut child = serve_command(&[
+        ("MCP_PROJECT_DIR", dir.as_str()),
+        ("PARTNER_API_KEY", PARTNER_KEY),
+        ("WEB_APP_API_KEY", WEB_APP_KEY),
+        ("PER_USER_RATE", "100000/s"),
+    ])
+    .spawn()
+    .unwrap();
+    let lines = stderr_lines(&mut child);
+    let child = KillOnDrop(child);
+    let (port, lines, logged) = tokio::task::spawn_blocking(move || {
+        let mut logged = Vec::new();
+        let port = listening_port(&lines, &mut logged, START_DEADLINE);
+        (port, lines, logged)
+    })
+    .await
+    .unwrap();
+    Running {
+        port,
+        _child: child,
+        project,
+        lines,
+        logged: RefCell::new(logged),
+    }
+}
+
+impl Running {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    /// An SDK client with `key`, over a 2025 revision (`initialize`), or
+    /// the stateless 2026 one (no `initialize`) when `version` is it.
+    async fn client(
+        &self,
+        key: &str,
+        version: ProtocolVersion,
+    ) -> RunningService<RoleClient, ClientConfig> {
+        let transport = StreamableHttpClientTransport::with_client(
+            http_client(),
+            StreamableHttpClientTransportConfig::with_uri(self.url()).auth_header(key),
+        );
+        let info = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("mcp-orchestrator-tests", "1.0.0"),
+        )
+        .with_protocol_version(version.clone());
+        if version == ProtocolVersion::V_2026_07_28 {
+            info.serve_with_lifecycle(
+                transport,
+                ClientLifecycleMode::Discover {
+                    preferred_versions: vec![version],
+                },
+            )
+            .await
+            .unwrap()
+        } else {
+            info.serve(transport).await.unwrap()
+        }
+    }
+
+    /// Every line logged so far.
+    fn log(&self) -> String {
+        let mut logged = self.logged.borrow_mut();
+        while let Ok(line) = self.lines.try_recv() {
+            logged.push(line);
+        }
+        logged.join("\n")
+    }
+
+    /// The log lines with `message`, waiting until there are `count`.
+    async fn wait_for_lines(&self, message: &str, count: usize) -> Vec<Json> {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let found: Vec<Json> = self
+                .log()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Json>(line).ok())
+                .filter(|event| event["message"] == message)
+                .collect();
+            if found.len() >= count || Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+async fn call(
+    client: &RunningService<RoleClient, ClientConfig>,
+    tool: &str,
+    arguments: Json,
+) -> Result<CallToolResult, ServiceError> {
+    let Json::Object(arguments) = arguments else {
+        panic!("arguments must be an object");
+    };
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
+        .await
+}
+
+/// The shipped tools with valid arguments, and the route each answers on.
+fn shipped_calls() -> Vec<(&'static str, Json, &'static str)> {
+    vec![
+        ("show_menu", json!({}), "menu"),
+        (
+            "place_order",
+            json!({"order_items": [{"id": "mn-01", "name": "Margherita", "quantity": 2}], "order_payment_method": "card"}),
+            "order",
+        ),
+        (
+            "track_order",
+            json!({"tracking_order_id": "ORD-10421"}),
+            "track_order",
+        ),
+        ("recommend", json!({"text": "something spicy"}), "recommend"),
+        ("get_profile", json!({}), "profile"),
+    ]
+}
+
+#[tokio::test]
+async fn agents_list_the_shipped_tools_and_call_each_over_both_protocol_generations() {
+    let running = start().await;
+    for version in [ProtocolVersion::V_2025_06_18, ProtocolVersion::V_2026_07_28] {
+        let client = running.client(PARTNER_KEY, version.clone()).await;
+        let tools = client.list_all_tools().await.unwrap();
+        let names: Vec<&str> = tools.iter().map(|tool| tool.name.as_ref()).collect();
+        for (name, _, _) in shipped_calls() {
+            assert!(names.contains(&name), "{version}: {names:?}");
+        }
+        for tool in &tools {
+            assert_eq!(
+                tool.input_schema.get("type"),
+                Some(&json!("object")),
+                "{}",
+                tool.name
+            );
+            assert!(tool.description.as_deref().is_some_and(|d| !d.is_empty()));
+            let output = tool.output_schema.as_ref().unwrap();
+            assert_eq!(
+                output["required"],
+                json!(["reply_text", "route", "decision", "trace_id"])
+            );
+        }
+        for (name, arguments, route) in shipped_calls() {
+            let result = call(&client, name, arguments).await.unwrap();
+            assert_eq!(result.is_error, Some(false), "{version} {name}: {result:?}");
+            let structured = result.structured_content.as_ref().unwrap();
+            assert_eq!(structured["route"], route, "{version} {name}: {structured}");
+            assert_eq!(structured["decision"], "reply");
+            let reply = structured["reply_text"].as_str().unwrap();
+            assert!(!reply.is_empty());
+            let text = result.content[0].as_text().unwrap();
+            assert_eq!(text.text, reply);
+        }
+        client.cancel().await.unwrap();
+    }
+    // The arguments reached the flows: the tracked order, the order placed.
+    let client = running
+        .client(PARTNER_KEY, ProtocolVersion::V_2025_11_25)
+        .await;
+    let tracked = call(
+        &client,
+        "track_order",
+        json!({"tracking_order_id": "ORD-10421"}),
+    )
+    .await
+    .unwrap();
+    let reply = tracked.structured_content.unwrap()["reply_text"].clone();
+    assert!(reply.as_str().unwrap().contains("ORD-10421"), "{reply}");
+    client.cancel().await.unwrap();
+
+    // Each call is a turn: its lines say which tool ran which flow.
+    let answered = running.wait_for_lines("Turn answered", 11).await;
+    assert_eq!(answered.len(), 11, "{}", running.log());
+    let tracking = answered
+        .iter()
+        .find(|event| event["tool"] == "track_order")
+        .unwrap();
+    assert_eq!(tracking["intent_source"], "tool");
+    assert_eq!(tracking["flow"], "track_order");
+    assert_eq!(tracking["channel"], "mcp");
+    assert_eq!(tracking["user_id"], "mcp:partner");
+    assert_eq!(tracking["endpoint"], "/mcp");
+    assert!(!running.log().contains(PARTNER_KEY));
+}
+
+#[tokio::test]
+async fn invalid_arguments_and_unknown_tools_are_json_rpc_errors() {
+    let running = start().await;
+    let client = running
+        .client(PARTNER_KEY, ProtocolVersion::V_2025_06_18)
+        .await;
+    for (tool, arguments, pointer) in [
+        (
+            "track_order",
+            json!({"tracking_order_id": "10421"}),
+            "/tracking_order_id",
+        ),
+        ("place_order", json!({"order_items": []}), "/order_items"),
+        ("place_order", json!({}), ""),
+        ("show_menu", json!({"surprise": true}), ""),
+    ] {
+        let error = call(&client, tool, arguments.clone()).await.unwrap_err();
+        let ServiceError::McpError(error) = error else {
+            panic!("{tool} {arguments}: {error:?}");
+        };
+        assert_eq!(error.code, ErrorCode::INVALID_PARAMS, "{tool} {arguments}");
+        let data = error.data.unwrap();
+        assert_eq!(data["code"], "invalid_arguments");
+        assert_eq!(
+            data["pointer"], pointer,
+            "{tool} {arguments}: {}",
+            error.message
+        );
+    }
+    let error = call(&client, "launch_rockets", json!({}))
+        .await
+        .unwrap_err();
+    let ServiceError::McpError(error) = error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(error.code, ErrorCode::INVALID_PARAMS);
+    assert_eq!(error.data.unwrap()["code"], "unknown_tool");
+    // Nothing ran.
+    client.cancel().await.unwrap();
+    assert!(
+        !running.log().contains("Turn received"),
+        "{}",
+        running.log()
+    );
+}
+
+#[tokio::test]
+async fn callers_need_a_key_that_may_use_the_mcp_channel_and_an_allowed_host() {
+    let running = start().await;
+    let http = http_client();
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let post = |key: Option<&str>, host: Option<&str>| {
+        let mut request = http
+            .post(running.url())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18")
+            .body(list.to_string());
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        request.send()
+    };
+    let response = post(None, None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let body: Json = response.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+
+    let response = post(Some("not-a-key"), None).await.unwrap();
+    assert_eq!(response.status(), 401);
+
+    // `web-app` is limited to the web and app channels.
+    let response = post(Some(WEB_APP_KEY), None).await.unwrap();
+    assert_eq!(response.status(), 403);
+    let body: Json = response.json().await.unwrap();
+    assert_eq!(body["code"], "forbidden");
+
+    // A host the deployment does not serve (DNS rebinding).
+    let response = post(Some(PARTNER_KEY), Some("attacker.example"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    let response = post(Some(PARTNER_KEY), None).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Json = response.json().await.unwrap();
+    assert!(
+        body["result"]["tools"].as_array().unwrap().len() >= 5,
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn tools_list_follows_an_edit_of_the_flow_files() {
+    let running = start().await;
+    let client = running
+        .client(PARTNER_KEY, ProtocolVersion::V_2025_06_18)
+        .await;
+    let names = |tools: Vec<rmcp::model::Tool>| -> Vec<String> {
+        tools
+            .into_iter()
+            .map(|tool| tool.name.into_owned())
+            .collect()
+    };
+    let before = names(client.list_all_tools().await.unwrap());
+    assert!(before.contains(&"show_menu".to_owned()));
+    let menu = running.project.path().join("flows/menu.yaml");
+    let text = std::fs::read_to_string(&menu).unwrap();
+    std::fs::write(
+        &menu,
+        text.replacen("name: show_menu", "name: read_menu", 1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    let after = loop {
+        let after = names(client.list_all_tools().await.unwrap());
+        if after.contains(&"read_menu".to_owned()) || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(
+        after.contains(&"read_menu".to_owned()),
+        "{after:?}\n{}",
+        running.log()
+    );
+    assert!(!after.contains(&"show_menu".to_owned()));
+    let result = call(&client, "read_menu", json!({})).await.unwrap();
+    assert_eq!(result.structured_content.unwrap()["route"], "menu");
+    client.cancel().await.unwrap();
+}
