@@ -33,6 +33,13 @@ const EPOCHS: usize = 15;
 const LEARNING_RATE: f32 = 4.0;
 const L2: f32 = 1e-4;
 
+/// A feature found in more than this share of the examples, or in the
+/// examples of more than this share of the intents, is left out, in a
+/// project with at least `MAX_DF_MIN_INTENTS` intents with examples.
+const MAX_DOCUMENT_FREQUENCY: f32 = 0.5;
+const MAX_INTENT_FREQUENCY: f32 = 0.9;
+const MAX_DF_MIN_INTENTS: usize = 4;
+
 /// Weights of the feature groups.
 const WORD_WEIGHT: f32 = 1.0;
 const PAIR_WEIGHT: f32 = 0.8;
@@ -58,8 +65,10 @@ impl Sparse {
 
 /// The trained model of a project's intents. `Debug` shows its sizes.
 ///
-/// Per-feature tables are feature-major (`[feature * intents + intent]`):
-/// scoring a text reads one short run per feature it has.
+/// Per feature, the model keeps an entry for each intent whose examples
+/// have that feature (its regression weight and its centroid's weight), and
+/// nothing for the others: the model grows with the examples, not with
+/// features × intents, and scoring a text reads one short run per feature.
 #[derive(Default)]
 pub struct IntentModel {
     /// Feature hash → id.
@@ -68,9 +77,10 @@ pub struct IntentModel {
     idf: Vec<f32>,
     /// How many intents, and how many examples each learned from.
     examples_per_intent: Vec<u32>,
-    /// Each intent's centroid (the normalised sum of its examples), by
-    /// feature and intent.
-    centroids: Vec<f32>,
+    /// The entries of feature `id` are `entries[entry_starts[id]..
+    /// entry_starts[id + 1]]`.
+    entry_starts: Vec<u32>,
+    entries: Vec<Entry>,
     /// The inverted index of the examples: the entries of feature `id` are
     /// `postings[posting_starts[id]..posting_starts[id + 1]]`, each an
     /// example and the feature's weight there.
@@ -78,10 +88,23 @@ pub struct IntentModel {
     postings: Vec<(u32, f32)>,
     /// The intent of each example.
     example_intent: Vec<u32>,
-    /// Softmax regression over the same features: a weight per feature and
-    /// intent, and a bias per intent.
-    weights: Vec<f32>,
+    /// The softmax regression's bias per intent (its weights are in the
+    /// entries).
     biases: Vec<f32>,
+}
+
+/// An intent whose examples have a feature.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    intent: u32,
+    /// The regression's weight of the feature for the intent. An intent
+    /// without the feature has none: the softmax is the same when a
+    /// feature's weights all move by one constant, and training only ever
+    /// lowers the others alike.
+    weight: f32,
+    /// The feature's weight in the intent's centroid (the normalised sum of
+    /// its examples).
+    centroid: f32,
 }
 
 impl std::fmt::Debug for IntentModel {
@@ -132,20 +155,43 @@ impl IntentModel {
             .collect();
         let mut vocabulary: HashMap<u64, u32, FeatureHashing> = HashMap::default();
         let mut document_frequency: Vec<u32> = Vec::new();
+        // How many intents have the feature in an example, and the last
+        // intent counted.
+        let mut intent_frequency: Vec<(u32, u32)> = Vec::new();
         let mut total = 0u32;
-        for document in documents.iter().flatten() {
-            total += 1;
-            let mut seen = std::collections::HashSet::new();
-            for (feature, _) in document {
-                let next = vocabulary.len() as u32;
-                let id = *vocabulary.entry(*feature).or_insert(next);
-                if id as usize == document_frequency.len() {
-                    document_frequency.push(0);
-                }
-                if seen.insert(id) {
-                    document_frequency[id as usize] += 1;
+        for (intent, intent_documents) in documents.iter().enumerate() {
+            for document in intent_documents {
+                total += 1;
+                let mut seen = std::collections::HashSet::new();
+                for (feature, _) in document {
+                    let next = vocabulary.len() as u32;
+                    let id = *vocabulary.entry(*feature).or_insert(next);
+                    if id as usize == document_frequency.len() {
+                        document_frequency.push(0);
+                        intent_frequency.push((0, u32::MAX));
+                    }
+                    if seen.insert(id) {
+                        document_frequency[id as usize] += 1;
+                        let counted = &mut intent_frequency[id as usize];
+                        if counted.1 != intent as u32 {
+                            *counted = (counted.0 + 1, intent as u32);
+                        }
+                    }
                 }
             }
+        }
+        // A feature in most examples, or in the examples of most intents
+        // ("the", "me"), tells the intents apart little and would give every
+        // intent an entry (training time grows with the entries): with
+        // enough intents for that to be true of it, it is left out.
+        let intents_with_examples = examples.iter().filter(|texts| !texts.is_empty()).count();
+        if intents_with_examples >= MAX_DF_MIN_INTENTS {
+            let limit = (total as f32 * MAX_DOCUMENT_FREQUENCY) as u32;
+            let intent_limit = (intents_with_examples as f32 * MAX_INTENT_FREQUENCY) as u32;
+            vocabulary.retain(|_, id| {
+                document_frequency[*id as usize] <= limit
+                    && intent_frequency[*id as usize].0 <= intent_limit
+            });
         }
         let idf: Vec<f32> = document_frequency
             .iter()
@@ -155,12 +201,12 @@ impl IntentModel {
         let mut model = IntentModel {
             vocabulary,
             idf,
-            centroids: Vec::new(),
+            entry_starts: Vec::new(),
+            entries: Vec::new(),
             examples_per_intent: Vec::new(),
             posting_starts: Vec::new(),
             postings: Vec::new(),
             example_intent: Vec::new(),
-            weights: Vec::new(),
             biases: Vec::new(),
         };
         let vectors: Vec<Vec<Sparse>> = documents
@@ -173,7 +219,7 @@ impl IntentModel {
                     .collect()
             })
             .collect();
-        model.centroids = vec![0.0; model.idf.len() * classes];
+        let mut lists: Vec<Vec<Entry>> = vec![Vec::new(); model.idf.len()];
         for (intent, examples) in vectors.iter().enumerate() {
             let mut sum: HashMap<u32, f32> = HashMap::new();
             for example in examples {
@@ -181,11 +227,22 @@ impl IntentModel {
                     *sum.entry(*id).or_insert(0.0) += weight;
                 }
             }
-            for (id, weight) in Sparse::normalised(sum.into_iter().collect()).0 {
-                model.centroids[id as usize * classes + intent] = weight;
+            for (id, centroid) in Sparse::normalised(sum.into_iter().collect()).0 {
+                lists[id as usize].push(Entry {
+                    intent: intent as u32,
+                    weight: 0.0,
+                    centroid,
+                });
             }
             model.examples_per_intent.push(examples.len() as u32);
         }
+        debug_assert_eq!(classes, model.examples_per_intent.len());
+        model.entry_starts = Vec::with_capacity(lists.len() + 1);
+        for list in lists {
+            model.entry_starts.push(model.entries.len() as u32);
+            model.entries.extend(list);
+        }
+        model.entry_starts.push(model.entries.len() as u32);
         model.index_examples(&vectors);
         model.fit_regression(&vectors);
         model
@@ -219,7 +276,6 @@ impl IntentModel {
     /// fixed order (training is deterministic).
     fn fit_regression(&mut self, vectors: &[Vec<Sparse>]) {
         let classes = self.classes();
-        self.weights = vec![0.0; self.idf.len() * classes];
         self.biases = vec![0.0; classes];
         let mut samples: Vec<(usize, &Sparse)> = Vec::new();
         for (class, examples) in vectors.iter().enumerate() {
@@ -239,10 +295,11 @@ impl IntentModel {
                 self.logits(example, &mut logits);
                 softmax(&mut logits);
                 for (id, x) in &example.0 {
-                    let row = &mut self.weights[*id as usize * classes..][..classes];
-                    for (k, (weight, p)) in row.iter_mut().zip(&logits).enumerate() {
-                        let gradient = p - if k == *class { 1.0 } else { 0.0 };
-                        *weight -= rate * (gradient * x + L2 * *weight);
+                    let range = self.entry_range(*id);
+                    for entry in &mut self.entries[range] {
+                        let k = entry.intent as usize;
+                        let gradient = logits[k] - if k == *class { 1.0 } else { 0.0 };
+                        entry.weight -= rate * (gradient * x + L2 * entry.weight);
                     }
                 }
                 for (k, (bias, p)) in self.biases.iter_mut().zip(&logits).enumerate() {
@@ -254,14 +311,23 @@ impl IntentModel {
         }
     }
 
+    /// Where the entries of feature `id` are.
+    fn entry_range(&self, id: u32) -> std::ops::Range<usize> {
+        let id = id as usize;
+        match (self.entry_starts.get(id), self.entry_starts.get(id + 1)) {
+            (Some(start), Some(end)) => *start as usize..*end as usize,
+            _ => 0..0,
+        }
+    }
+
     /// The regression's logits for a vector, into `logits`.
     fn logits(&self, vector: &Sparse, logits: &mut [f32]) {
-        let classes = self.classes();
         logits.copy_from_slice(&self.biases);
         for (id, x) in &vector.0 {
-            let row = &self.weights[*id as usize * classes..][..classes];
-            for (logit, weight) in logits.iter_mut().zip(row) {
-                *logit += weight * x;
+            for entry in &self.entries[self.entry_range(*id)] {
+                if let Some(logit) = logits.get_mut(entry.intent as usize) {
+                    *logit += entry.weight * x;
+                }
             }
         }
     }
@@ -301,9 +367,10 @@ impl IntentModel {
         let classes = self.classes();
         let mut centroid = vec![0.0f32; classes];
         for (id, weight) in &vector.0 {
-            let row = &self.centroids[*id as usize * classes..][..classes];
-            for (sum, value) in centroid.iter_mut().zip(row) {
-                *sum += weight * value;
+            for entry in &self.entries[self.entry_range(*id)] {
+                if let Some(sum) = centroid.get_mut(entry.intent as usize) {
+                    *sum += weight * entry.centroid;
+                }
             }
         }
         let floor = centroid.iter().copied().fold(0.0f32, f32::max) * (1.0 - NEAREST_WEIGHT);
@@ -359,7 +426,7 @@ impl IntentModel {
         give_up: impl Fn(IntentId, f32) -> bool,
     ) -> Option<Prediction> {
         let vector = self.vector(&features(text));
-        if vector.0.is_empty() || self.weights.is_empty() {
+        if vector.0.is_empty() || self.entries.is_empty() {
             return None;
         }
         let mut probabilities = vec![0.0f32; self.classes()];

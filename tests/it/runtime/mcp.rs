@@ -364,3 +364,104 @@ async fn tools_list_follows_an_edit_of_the_flow_files() {
     assert_eq!(result.structured_content.unwrap()["route"], "menu");
     client.cancel().await.unwrap();
 }
+
+/// A project whose tool reads an entity, its session and `text`, and ends
+/// with `decision: error` on demand.
+const ENTITY_PROJECT: &str = r#"
+intents:
+  track:
+    keywords: [track]
+    entities:
+      order_id: { pattern: 'ORD-\d+' }
+  other:
+    keywords: [other]
+classifier: { fallback: other }
+flows:
+  track:
+    intent: track
+    tool:
+      name: track
+      description: Tracks an order.
+      input:
+        type: object
+        properties:
+          order_id: { type: string }
+          text: { type: string }
+          fail: { type: boolean }
+    steps:
+      - if: "input.fail"
+        reply: "failed"
+        decision: error
+        route: track_failed
+      - set: { seen: "{{ (session.seen or 0) + 1 }}" }
+      - reply: "{{ intent.name }} {{ intent.entities.order_id or '-' }} {{ text or '-' }} {{ session.seen }} {{ user_id }} {{ session_id }}"
+        route: tracked
+  other:
+    intent: other
+    steps:
+      - reply: other
+"#;
+
+/// One JSON-RPC `tools/call` through the router, in process.
+async fn tool_call(harness: &super::Harness, arguments: Json, meta: Option<Json>) -> Json {
+    let mut params = json!({"name": "track", "arguments": arguments});
+    if let Some(meta) = meta {
+        params["_meta"] = meta;
+    }
+    let answer = harness
+        .send(
+            axum::http::Request::post("/mcp")
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2025-06-18")
+                .body(axum::body::Body::from(
+                    json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params})
+                        .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer.body["result"].clone()
+}
+
+#[tokio::test]
+async fn a_tool_call_fills_entities_text_and_its_callers_session_and_reports_errors() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(project.path().join("flows")).unwrap();
+    std::fs::write(project.path().join("flows/main.yaml"), ENTITY_PROJECT).unwrap();
+    let harness = super::Harness::new(super::HarnessOptions {
+        dir: Some(project.path()),
+        ..Default::default()
+    });
+    let first = tool_call(&harness, json!({"order_id": "ORD-7", "text": "hi"}), None).await;
+    assert_eq!(first["isError"], false, "{first}");
+    assert_eq!(
+        first["structuredContent"]["reply_text"],
+        "track ORD-7 hi 1 mcp:anonymous mcp:anonymous"
+    );
+    // The same caller's next call sees the session the first one left.
+    let second = tool_call(&harness, json!({}), None).await;
+    assert_eq!(
+        second["structuredContent"]["reply_text"],
+        "track - - 2 mcp:anonymous mcp:anonymous"
+    );
+    // `_meta` keeps users and conversations apart, under the caller.
+    let apart = tool_call(
+        &harness,
+        json!({"order_id": "ORD-8"}),
+        Some(json!({"user_id": "u-1", "session_id": "s-1"})),
+    )
+    .await;
+    assert_eq!(
+        apart["structuredContent"]["reply_text"],
+        "track ORD-8 - 1 mcp:anonymous:u-1 mcp:anonymous:s-1"
+    );
+    // A flow ending with `decision: error` is a tool error, still structured.
+    let failed = tool_call(&harness, json!({"fail": true}), None).await;
+    assert_eq!(failed["isError"], true, "{failed}");
+    assert_eq!(failed["structuredContent"]["decision"], "error");
+    assert_eq!(failed["structuredContent"]["route"], "track_failed");
+    assert_eq!(failed["content"][0]["text"], "failed");
+}
