@@ -212,6 +212,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/openapi.json" => "/openapi.json",
         "/mcp" => "/mcp",
+        _ if path.starts_with("/mcp/") => "/mcp",
         _ if path.starts_with("/channels/") => "/channels",
         _ => "unmatched",
     }
@@ -592,6 +593,20 @@ async fn run_orchestrate(
             "forbidden",
             format!(
                 "`user_id` and `session_id` starting with `{channel}:` belong to channel `{channel}`; only a caller key that lists it in `channels` may use them"
+            ),
+        ));
+    }
+    // Users and sessions of tool calls (`mcp:<key>:…`) belong to `/mcp`.
+    if [&request.user_id, &request.session_id]
+        .iter()
+        .any(|id| id.starts_with(mcp::MCP_ID_PREFIX))
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "`user_id` and `session_id` starting with `{}` belong to tool calls at /mcp",
+                mcp::MCP_ID_PREFIX
             ),
         ));
     }

@@ -36,6 +36,24 @@ impl Checker<'_> {
         let mut digests: Vec<(project::SecretDigest, &str)> = Vec::new();
         for key in &access.value.api_keys {
             let key = &key.value;
+            // The name is part of the user and session ids of its MCP
+            // calls (`mcp:<name>:<user>`): a `:` would make two of them one.
+            if key.name.value.contains(':') || key.name.value.trim().is_empty() {
+                let location =
+                    self.location(file, &key.name, key.name.value.chars().count().max(1));
+                self.push(
+                    Diagnostic::error(
+                        Code::InvalidValue,
+                        location,
+                        format!(
+                            "caller key name `{}` cannot be empty or hold a `:`",
+                            key.name.value
+                        ),
+                    )
+                    .with_hint("use letters, digits, `_`, `-` or `.`, e.g. `web-app`"),
+                );
+                ok = false;
+            }
             if let Some(first) = names.insert(&key.name.value, &key.name) {
                 let location = self.location(file, &key.name, key.name.value.chars().count());
                 let related = self.location(file, first, first.value.chars().count());

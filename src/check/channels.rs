@@ -133,6 +133,18 @@ impl Checker<'_> {
             );
             return None;
         }
+        if name == crate::server::mcp::MCP_CHANNEL {
+            let location = self.location(file, channel.name, name.chars().count());
+            self.push(
+                Diagnostic::error(
+                    Code::InvalidValue,
+                    location,
+                    format!("channel name `{name}` is reserved for tool calls at `/mcp`"),
+                )
+                .with_hint("name the channel after its platform, e.g. `telegram`"),
+            );
+            return None;
+        }
         let kind = spec.kind.value.trim();
         if !CHANNEL_KINDS.contains(&kind) {
             let location = self.location(file, &spec.kind, spec.kind.value.chars().count());

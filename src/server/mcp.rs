@@ -38,6 +38,10 @@ use crate::telemetry::prometheus;
 /// cannot use `/mcp`.
 pub const MCP_CHANNEL: &str = "mcp";
 
+/// The start of the user and session ids of tool calls; `/orchestrate`
+/// refuses ids that start with it.
+pub const MCP_ID_PREFIX: &str = "mcp:";
+
 /// Longest `_meta.user_id` or `_meta.session_id` accepted.
 const MAX_META_ID_LENGTH: usize = 128;
 
@@ -105,17 +109,19 @@ pub fn service(state: Arc<AppState>) -> StreamableHttpService<ToolServer, NeverS
     )
 }
 
-/// The caller a request to `/mcp` was admitted as (a request extension,
-/// read back by the tool call).
+/// The caller a request to `/mcp` was admitted as, and the request's
+/// deadline (a request extension, read back by the tool call).
 #[derive(Debug, Clone)]
-struct McpCaller(String);
+struct McpCaller {
+    name: String,
+    deadline: tokio::time::Instant,
+}
 
-/// In front of the SDK: the caller key, the key's channels, its rate.
-pub async fn gate(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// In front of the SDK: the caller key, the key's channels, its rate; then
+/// the body, read whole within the request timeout and 1 MiB (the SDK
+/// would wait for a slow body without limit).
+pub async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
     let deployment = state.deployment.load();
     let project = &deployment.project;
     let caller = match admission::authenticate(&project.access, request.headers()) {
@@ -138,7 +144,35 @@ pub async fn gate(
         return labelled(ApiError::refused(refusal).into_response(), &name);
     }
     drop(deployment);
-    request.extensions_mut().insert(McpCaller(name.clone()));
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout_at(deadline, axum::body::to_bytes(body, MAX_REQUEST_BYTES));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            let error = if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body is larger than {MAX_REQUEST_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the body could not be read",
+                )
+            };
+            return labelled(error.into_response(), &name);
+        }
+        Err(_) => return labelled(ApiError::request_timeout().into_response(), &name),
+    };
+    let mut request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    request.extensions_mut().insert(McpCaller {
+        name: name.clone(),
+        deadline,
+    });
     labelled(next.run(request).await, &name)
 }
 
@@ -186,14 +220,18 @@ impl ServerHandler for ToolServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let caller = context
+        let Some(caller) = context
             .extensions
             .get::<axum::http::request::Parts>()
             .and_then(|parts| parts.extensions.get::<McpCaller>())
-            .map_or_else(
-                || admission::ANONYMOUS.to_owned(),
-                |caller| caller.0.clone(),
-            );
+            .cloned()
+        else {
+            // The gate admits every request; without it, nothing runs.
+            return Err(McpError::internal_error(
+                "the request was not admitted",
+                None,
+            ));
+        };
         let traceparent = context
             .extensions
             .get::<axum::http::request::Parts>()
@@ -203,20 +241,39 @@ impl ServerHandler for ToolServer {
             "request",
             endpoint = "/mcp",
             tool = %request.name,
-            caller = %caller,
+            caller = %caller.name,
             trace_id = tracing::field::Empty,
             session_id = tracing::field::Empty,
             user_id = tracing::field::Empty,
             channel = tracing::field::Empty,
             session_error = tracing::field::Empty,
         );
-        let started = Instant::now();
         let result = self
             .run_tool(request, &context, &caller, trace_id)
-            .instrument(span)
+            .instrument(span.clone())
             .await;
-        metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, "endpoint" => "/mcp tools/call")
-            .record(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            // A refused or failed call is answered 200 with a JSON-RPC
+            // error, which the request metrics cannot tell apart: it is
+            // logged and counted here.
+            let code = error
+                .data
+                .as_ref()
+                .and_then(|data| data.get("code"))
+                .and_then(Json::as_str)
+                .and_then(known_error_code)
+                .unwrap_or("invalid_request");
+            metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, "endpoint" => "/mcp", "code" => code)
+                .increment(1);
+            span.in_scope(|| {
+                tracing::info!(
+                    event_type = "tool_refused",
+                    code,
+                    error = %error.message,
+                    "Tool call refused or failed"
+                );
+            });
+        }
         result.map(CallToolResponse::from)
     }
 }
@@ -226,10 +283,12 @@ impl ToolServer {
         &self,
         request: CallToolRequestParams,
         context: &RequestContext<RoleServer>,
-        caller: &str,
+        caller: &McpCaller,
         trace_id: String,
     ) -> Result<CallToolResult, McpError> {
         let started = Instant::now();
+        let deadline = caller.deadline;
+        let caller = caller.name.as_str();
         let deployment = self.state.deployment.load_full();
         let project = &deployment.project;
         let Some((flow, tool)) = project.tool(&request.name) else {
@@ -286,6 +345,13 @@ impl ToolServer {
             Some(session) => format!("{MCP_CHANNEL}:{caller}:{session}"),
             None => user_id.clone(),
         };
+        if context.ct.is_cancelled() {
+            return Err(McpError::new(
+                SERVER_ERROR,
+                "the client went away",
+                Some(json!({ "code": "client_closed" })),
+            ));
+        }
         let admission = self.state.admission.for_limits(&project.limits);
         admission.check_user(&user_id).map_err(refused)?;
         let _in_flight = admission.enter().map_err(refused)?;
@@ -303,7 +369,6 @@ impl ToolServer {
             input: arguments,
             direct: Some(flow),
         };
-        let deadline = tokio::time::Instant::now() + self.state.settings.request_timeout;
         let outcome = run_logged_turn(&self.state, &deployment, &turn, deadline, started)
             .await
             .map_err(|error| {
@@ -336,6 +401,22 @@ impl ToolServer {
         result.content = vec![ContentBlock::text(outcome.reply_text)];
         Ok(result)
     }
+}
+
+/// The stable codes a tool call's JSON-RPC error may carry (a fixed set:
+/// metric labels).
+fn known_error_code(code: &str) -> Option<&'static str> {
+    [
+        "unknown_tool",
+        "invalid_arguments",
+        "invalid_request",
+        "rate_limited",
+        "overloaded",
+        "template_error",
+        "client_closed",
+    ]
+    .into_iter()
+    .find(|known| *known == code)
 }
 
 /// A refusal of the admission control, as a JSON-RPC error with its stable

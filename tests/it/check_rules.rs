@@ -599,3 +599,29 @@ fn a_tool_schema_may_come_from_a_file_and_two_flows_cannot_share_a_tool_name() {
     );
     assert_eq!(checked.diagnostics[0].related.len(), 1);
 }
+
+#[test]
+fn key_names_cannot_hold_a_colon_and_no_channel_is_called_mcp() {
+    let checked = check(
+        "access:\n  api_keys:\n    - { name: \"a:b\", key: 0123456789abcdef0123 }\nflows:\n  f:\n    intent: hello\n    steps:\n      - reply: ok\n",
+        &[],
+    );
+    assert_eq!(
+        codes(&checked),
+        [Code::InvalidValue],
+        "{:#?}",
+        checked.diagnostics
+    );
+    let checked = check(
+        "channels:\n  mcp:\n    kind: telegram\n    secret_token: s0123456789abcdef\n    bot_token: \"1:abc\"\nflows:\n  f:\n    intent: hello\n    steps:\n      - reply: ok\n",
+        &[],
+    );
+    assert!(
+        checked
+            .diagnostics
+            .iter()
+            .any(|d| d.code == Code::InvalidValue && d.message.contains("reserved")),
+        "{:#?}",
+        checked.diagnostics
+    );
+}

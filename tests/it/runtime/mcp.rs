@@ -465,3 +465,37 @@ async fn a_tool_call_fills_entities_text_and_its_callers_session_and_reports_err
     assert_eq!(failed["structuredContent"]["route"], "track_failed");
     assert_eq!(failed["content"][0]["text"], "failed");
 }
+
+#[tokio::test]
+async fn a_body_that_never_ends_is_answered_408_within_the_request_timeout() {
+    let harness = super::Harness::new(super::HarnessOptions {
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let never = futures_util::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+    let answer = harness
+        .send(
+            axum::http::Request::post("/mcp")
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(axum::body::Body::from_stream(never))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(answer.body["code"], "request_timeout");
+}
+
+#[tokio::test]
+async fn orchestrate_cannot_reach_the_users_and_sessions_of_tool_calls() {
+    let harness = super::Harness::shipped();
+    for body in [
+        json!({"text": "where is my order", "user_id": "mcp:partner:alice"}),
+        json!({"text": "where is my order", "user_id": "bob", "session_id": "mcp:partner"}),
+    ] {
+        let answer = harness.orchestrate(body.clone()).await;
+        assert_eq!(answer.status, 403, "{body}: {answer:?}");
+        assert_eq!(answer.body["code"], "forbidden");
+    }
+}
