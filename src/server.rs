@@ -326,6 +326,23 @@ impl ApiError {
         }
     }
 
+    /// 413 over `MAX_REQUEST_BYTES`, else 400: the body could not be read.
+    fn unreadable_body(too_large: bool) -> ApiError {
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the body could not be read",
+            )
+        }
+    }
+
     /// 401: no caller key, or not one of the project's.
     fn unauthorized() -> ApiError {
         ApiError {
@@ -462,19 +479,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!("the body is larger than {MAX_REQUEST_BYTES} bytes"),
-                    )
-                } else {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "the body could not be read",
-                    )
-                }
+                ApiError::unreadable_body(rejection.status() == StatusCode::PAYLOAD_TOO_LARGE)
             })?;
         match crate::services::parse_json(&bytes) {
             Ok(Json::Object(object)) => Ok(JsonObject(object)),

@@ -151,19 +151,7 @@ pub async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Ne
         Ok(Err(error)) => {
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            let error = if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("the body is larger than {MAX_REQUEST_BYTES} bytes"),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the body could not be read",
-                )
-            };
+            let error = ApiError::unreadable_body(too_large);
             return labelled(error.into_response(), &name);
         }
         Err(_) => return labelled(ApiError::request_timeout().into_response(), &name),
