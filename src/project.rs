@@ -166,6 +166,8 @@ pub struct Service {
     pub mock: Option<Mock>,
     /// The service's own, else the project's default, else none.
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// `kind: mcp`: the MCP tool a call runs (the body is its arguments).
+    pub mcp_tool: Option<String>,
 }
 
 /// When a service's circuit opens, and for how long.

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::project::{HttpMethod, Service};
 
 mod circuit_breaker;
+mod mcp_call;
 
 pub use circuit_breaker::{CircuitBreakers, CircuitState};
 
@@ -218,6 +219,9 @@ where
 #[derive(Clone)]
 pub struct HttpTransport {
     client: HttpClient,
+    /// The reqwest client of `kind: mcp` services (the MCP SDK's client
+    /// runs over reqwest), built at the first such call.
+    mcp_client: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 /// How service calls reach the network.
@@ -276,6 +280,7 @@ impl HttpTransport {
                 .build(connector);
         Ok(HttpTransport {
             client: HttpClient::Direct(client),
+            mcp_client: std::sync::OnceLock::new(),
         })
     }
 
@@ -285,6 +290,7 @@ impl HttpTransport {
     /// otherwise (timeouts, no redirects, headers, size cap).
     pub fn through_proxy(client: reqwest::Client) -> HttpTransport {
         HttpTransport {
+            mcp_client: std::sync::OnceLock::from(Ok(client.clone())),
             client: HttpClient::Proxied(client),
         }
     }
@@ -391,9 +397,20 @@ fn target(url: &url::Url) -> Result<(http::Uri, Option<http::HeaderValue>), Stri
 impl Transport for HttpTransport {
     fn send<'a>(
         &'a self,
-        _service: &'a Service,
+        service: &'a Service,
         request: OutgoingRequest<'a>,
     ) -> BoxFuture<'a, Result<RawResponse, TransportError>> {
+        if let Some(tool) = &service.mcp_tool {
+            let client = self
+                .mcp_client
+                .get_or_init(|| http_client().map_err(|error| error_chain(&error)));
+            return Box::pin(async move {
+                match client {
+                    Ok(client) => mcp_call::call_tool(client, tool, &request).await,
+                    Err(error) => Err(TransportError::InvalidRequest(error.clone())),
+                }
+            });
+        }
         Box::pin(async move {
             let http_request = http_request(&request).map_err(TransportError::InvalidRequest)?;
             let exchange = async {
@@ -774,9 +791,17 @@ fn interpret(
         } else {
             ServiceErrorCode::ServiceHttpError
         };
+        let message = match &service.mcp_tool {
+            // The tool's own words: what went wrong is in them.
+            Some(tool) => {
+                let said: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                format!("tool `{tool}` of service `{}` failed: {said}", service.name)
+            }
+            None => format!("service `{}` answered HTTP {status}", service.name),
+        };
         return Err(ServiceError {
             code,
-            message: format!("service `{}` answered HTTP {status}", service.name),
+            message,
             status: Some(status),
             retryable: matches!(status, 429 | 500 | 502 | 503 | 504),
             cut_by_deadline: false,

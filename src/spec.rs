@@ -213,6 +213,11 @@ pub struct LlmClassifier {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    /// `http` (the default): a JSON API. `mcp`: an MCP server (Streamable
+    /// HTTP) whose `tool` a call runs, with the call's body as arguments.
+    pub kind: Option<Text>,
+    /// The tool of a `kind: mcp` service.
+    pub tool: Option<Text>,
     /// Base URL. Usually `${SOME_SERVICE_URL:-}`; empty means "not configured",
     /// and the service then runs on its mock outside production.
     pub url: Option<Text>,

@@ -129,7 +129,9 @@ impl Checker<'_> {
         if !ok {
             return None;
         }
+        let mcp_tool = self.service_kind(file, spec)?;
         Some(project::Service {
+            mcp_tool,
             name: service.name.value.clone(),
             url,
             url_variable,
@@ -148,6 +150,74 @@ impl Checker<'_> {
             mock: mock?,
             circuit_breaker: circuit_breaker?,
         })
+    }
+
+    /// The tool of a `kind: mcp` service (`Some(None)` for an HTTP one);
+    /// `None` after an error.
+    fn service_kind(&mut self, file: &Path, spec: &spec::Service) -> Option<Option<String>> {
+        let kind = spec.kind.as_ref().map(|kind| (kind, kind.value.trim()));
+        match (kind, &spec.tool) {
+            (None | Some((_, "http")), None) => Some(None),
+            (None | Some((_, "http")), Some(tool)) => {
+                let location = self.location(file, tool, tool.value.chars().count());
+                self.push(
+                    Diagnostic::error(
+                        Code::MisplacedKey,
+                        location,
+                        "`tool` belongs to a `kind: mcp` service",
+                    )
+                    .with_hint("add `kind: mcp` if the URL is an MCP server"),
+                );
+                None
+            }
+            (Some((_, "mcp")), None) => {
+                let (kind, _) = kind?;
+                let location = self.location(file, kind, 3);
+                self.push(
+                    Diagnostic::error(
+                        Code::MissingKey,
+                        location,
+                        "a `kind: mcp` service needs `tool`: the MCP tool a call runs",
+                    )
+                    .with_hint("add `tool: <name>`; `check --online` lists the server's tools"),
+                );
+                None
+            }
+            (Some((_, "mcp")), Some(tool)) => {
+                if let Some(method) = &spec.method {
+                    let location = self.location(file, method, 4);
+                    self.error(
+                        Code::MisplacedKey,
+                        location,
+                        "an MCP service has no HTTP `method`: a call is a `tools/call`",
+                    );
+                    return None;
+                }
+                let name = tool.value.trim();
+                if !super::tools::is_tool_name(name) {
+                    let location = self.location(file, tool, tool.value.chars().count());
+                    self.error(
+                        Code::InvalidValue,
+                        location,
+                        format!("`{name}` is not an MCP tool name"),
+                    );
+                    return None;
+                }
+                Some(Some(name.to_owned()))
+            }
+            (Some((kind, other)), _) => {
+                let location = self.location(file, kind, other.chars().count().max(1));
+                self.push(
+                    Diagnostic::error(
+                        Code::InvalidValue,
+                        location,
+                        format!("unknown service kind `{other}`"),
+                    )
+                    .with_hint("the kinds are `http` (the default) and `mcp`"),
+                );
+                None
+            }
+        }
     }
 
     /// An http(s) URL with a host; `Ok(None)` when the text is empty.

@@ -625,3 +625,46 @@ fn key_names_cannot_hold_a_colon_and_no_channel_is_called_mcp() {
         checked.diagnostics
     );
 }
+
+#[test]
+fn mcp_services_need_a_tool_and_no_http_method() {
+    let flow = "flows:\n  f:\n    intent: hello\n    steps:\n      - call: s\n      - reply: ok\n";
+    for (service, expected) in [
+        (
+            "kind: mcp\n    url: http://127.0.0.1:9/mcp\n    tool: find_dishes",
+            None,
+        ),
+        (
+            "kind: mcp\n    url: http://127.0.0.1:9/mcp",
+            Some(Code::MissingKey),
+        ),
+        (
+            "url: http://127.0.0.1:9/s\n    tool: find_dishes",
+            Some(Code::MisplacedKey),
+        ),
+        (
+            "kind: grpc\n    url: http://127.0.0.1:9/s",
+            Some(Code::InvalidValue),
+        ),
+        (
+            "kind: mcp\n    url: http://127.0.0.1:9/mcp\n    tool: find_dishes\n    method: GET",
+            Some(Code::MisplacedKey),
+        ),
+        (
+            "kind: mcp\n    url: http://127.0.0.1:9/mcp\n    tool: \"find dishes\"",
+            Some(Code::InvalidValue),
+        ),
+    ] {
+        let checked = check(&format!("services:\n  s:\n    {service}\n{flow}"), &[]);
+        assert_eq!(
+            codes(&checked),
+            expected.into_iter().collect::<Vec<_>>(),
+            "{service}: {:#?}",
+            checked.diagnostics
+        );
+        if expected.is_none() {
+            let project = checked.project.unwrap();
+            assert_eq!(project.services[0].mcp_tool.as_deref(), Some("find_dishes"));
+        }
+    }
+}

@@ -499,3 +499,151 @@ async fn orchestrate_cannot_reach_the_users_and_sessions_of_tool_calls() {
         assert_eq!(answer.body["code"], "forbidden");
     }
 }
+
+/// An MCP server on port 0, for flows that call MCP tools: `find_dishes`
+/// answers structured content, `broken` a tool error, `slow` too late.
+#[derive(Clone)]
+struct KitchenServer;
+
+impl rmcp::ServerHandler for KitchenServer {
+    fn get_info(&self) -> rmcp::model::ServerConfig {
+        rmcp::model::ServerConfig::new(
+            rmcp::model::ServerCapabilities::builder()
+                .enable_tools()
+                .build(),
+        )
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        let arguments = request.arguments.unwrap_or_default();
+        let result = match request.name.as_ref() {
+            "find_dishes" => CallToolResult::structured(json!({
+                "dishes": ["margherita", arguments.get("query").cloned().unwrap_or(Json::Null)]
+            })),
+            "broken" => CallToolResult::error(vec![rmcp::model::ContentBlock::text(
+                "the kitchen is closed",
+            )]),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                CallToolResult::structured(json!({"dishes": []}))
+            }
+            other => {
+                return Err(rmcp::ErrorData::invalid_params(
+                    format!("no tool {other}"),
+                    None,
+                ));
+            }
+        };
+        Ok(result.into())
+    }
+}
+
+/// Serves `KitchenServer` at `http://127.0.0.1:<port>/mcp`.
+async fn kitchen() -> String {
+    use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let service = StreamableHttpService::new(
+        || Ok(KitchenServer),
+        std::sync::Arc::new(NeverSessionManager::default()),
+        StreamableHttpServerConfig::default()
+            .with_legacy_session_mode(false)
+            .with_json_response(true),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{address}/mcp")
+}
+
+const KITCHEN_PROJECT: &str = r#"
+intents:
+  ask: { keywords: [ask] }
+  fail: { keywords: [fail] }
+  slow: { keywords: [slow] }
+classifier: { fallback: ask }
+services:
+  dishes: { kind: mcp, url: "${KITCHEN_URL}", tool: find_dishes, timeout: 5s, response: { schema: dishes.schema.json } }
+  broken: { kind: mcp, url: "${KITCHEN_URL}", tool: broken, retry: { attempts: 3, backoff: 10ms }, response: { schema: dishes.schema.json } }
+  late: { kind: mcp, url: "${KITCHEN_URL}", tool: slow, timeout: 300ms, response: { schema: dishes.schema.json } }
+flows:
+  ask:
+    intent: ask
+    steps:
+      - id: found
+        call: dishes
+        body: { query: "{{ text }}" }
+        on_error: { reply: "error {{ error.code }}", route: failed }
+      - reply: "{{ found.dishes | join(', ') }}"
+        route: found
+  fail:
+    intent: fail
+    steps:
+      - id: found
+        call: broken
+        body: {}
+        on_error: { reply: "error {{ error.code }}: {{ error.message }}", route: failed }
+      - reply: "{{ found.dishes | join(', ') }}"
+        route: found
+  slow:
+    intent: slow
+    steps:
+      - id: found
+        call: late
+        body: {}
+        on_error: { reply: "error {{ error.code }}", route: failed }
+      - reply: "{{ found.dishes | join(', ') }}"
+        route: found
+"#;
+
+#[tokio::test]
+async fn a_flow_calls_an_mcp_tool_as_a_service_validated_like_any_answer() {
+    let url = kitchen().await;
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(project.path().join("flows")).unwrap();
+    std::fs::create_dir_all(project.path().join("schemas")).unwrap();
+    std::fs::write(project.path().join("flows/main.yaml"), KITCHEN_PROJECT).unwrap();
+    std::fs::write(
+        project.path().join("schemas/dishes.schema.json"),
+        r#"{"type": "object", "required": ["dishes"], "properties": {"dishes": {"type": "array", "items": {"type": "string"}}}}"#,
+    )
+    .unwrap();
+    let harness = super::Harness::new(super::HarnessOptions {
+        dir: Some(project.path()),
+        variables: vec![("KITCHEN_URL", url)],
+        ..Default::default()
+    });
+    let found = harness
+        .turn(json!({"text": "ask for pizza", "user_id": "u-1"}))
+        .await;
+    assert_eq!(found["route"], "found", "{found:#}");
+    assert_eq!(found["reply_text"], "margherita, ask for pizza");
+    assert_eq!(found["service_spans"][0]["service"], "dishes");
+
+    // A tool error is `service_http_error`, not retried.
+    let failed = harness
+        .turn(json!({"text": "fail", "user_id": "u-1"}))
+        .await;
+    assert_eq!(
+        failed["reply_text"],
+        "error service_http_error: tool `broken` of service `broken` failed: the kitchen is closed",
+        "{failed:#}"
+    );
+    assert_eq!(failed["service_spans"][0]["attempts"], 1, "{failed:#}");
+
+    // Past the attempt's timeout, `service_timeout`.
+    let started = Instant::now();
+    let late = harness
+        .turn(json!({"text": "slow", "user_id": "u-1"}))
+        .await;
+    assert_eq!(late["reply_text"], "error service_timeout", "{late:#}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
