@@ -151,10 +151,16 @@ impl crate::project::Classifier {
     /// fallback intent below `min_confidence`.
     pub fn offline_intent(&self, text: &str) -> (IntentId, f64) {
         let (intent, confidence) = self.offline(text);
+        (self.sure_enough(intent, confidence), confidence)
+    }
+
+    /// `intent`, or the fallback intent when `confidence` is below
+    /// `min_confidence`, whichever classifier chose it.
+    pub fn sure_enough(&self, intent: IntentId, confidence: f64) -> IntentId {
         if confidence < self.min_confidence {
-            (self.fallback, confidence)
+            self.fallback
         } else {
-            (intent, confidence)
+            intent
         }
     }
 }
@@ -187,11 +193,7 @@ fn finish(
     source: Source,
     fallback_reason: Option<String>,
 ) -> Classification {
-    let intent = if confidence < project.classifier.min_confidence {
-        project.classifier.fallback
-    } else {
-        intent
-    };
+    let intent = project.classifier.sure_enough(intent, confidence);
     let mut entities = BTreeMap::new();
     for entity in &project.intent(intent).entities {
         if let Some(captures) = entity.pattern.captures(text) {
@@ -497,12 +499,10 @@ mod tests {
         let intents: Vec<crate::project::Intent> = keywords
             .iter()
             .enumerate()
-            .map(|(index, words)| crate::project::Intent {
-                name: format!("intent{index}"),
-                description: String::new(),
-                examples: Vec::new(),
-                keywords: words.iter().map(|word| (*word).to_owned()).collect(),
-                entities: Vec::new(),
+            .map(|(index, words)| {
+                let mut intent = intent_with_examples(&format!("intent{index}"), &[]);
+                intent.keywords = words.iter().map(|word| (*word).to_owned()).collect();
+                intent
             })
             .collect();
         KeywordIndex::new(&intents).unwrap()

@@ -343,6 +343,11 @@ impl ApiError {
         }
     }
 
+    /// 403: the caller may not do this.
+    fn forbidden(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+
     /// 401: no caller key, or not one of the project's.
     fn unauthorized() -> ApiError {
         ApiError {
@@ -578,42 +583,30 @@ async fn run_orchestrate(
     };
     let request = turn_request(body, &headers)?;
     if !caller.allows_channel(&request.channel) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "the caller key `{}` may not send channel `{}`",
-                caller.name(),
-                request.channel
-            ),
-        ));
+        return Err(ApiError::forbidden(format!(
+            "the caller key `{}` may not send channel `{}`",
+            caller.name(),
+            request.channel
+        )));
     }
     // The users and sessions of a declared channel (`telegram:42`) belong to
     // its deliveries: only a key that names that channel may reach them.
     if let Some(channel) = reserved_channel(project, &request)
         && !caller.names_channel(channel)
     {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "`user_id` and `session_id` starting with `{channel}:` belong to channel `{channel}`; only a caller key that lists it in `channels` may use them"
-            ),
-        ));
+        return Err(ApiError::forbidden(format!(
+            "`user_id` and `session_id` starting with `{channel}:` belong to channel `{channel}`; only a caller key that lists it in `channels` may use them"
+        )));
     }
     // Users and sessions of tool calls (`mcp:<key>:…`) belong to `/mcp`.
     if [&request.user_id, &request.session_id]
         .iter()
         .any(|id| id.starts_with(mcp::MCP_ID_PREFIX))
     {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "`user_id` and `session_id` starting with `{}` belong to tool calls at /mcp",
-                mcp::MCP_ID_PREFIX
-            ),
-        ));
+        return Err(ApiError::forbidden(format!(
+            "`user_id` and `session_id` starting with `{}` belong to tool calls at /mcp",
+            mcp::MCP_ID_PREFIX
+        )));
     }
     admission
         .check_user(&request.user_id)
@@ -746,32 +739,42 @@ pub fn validate_request_body(
 ) -> Result<serde_json::Map<String, Json>, ApiError> {
     // Validated as a JSON value, then taken apart again: no copy.
     let instance = Json::Object(body);
-    if !schema.is_valid(&instance)
-        && let Some(error) = schema.iter_errors(&instance).next()
-    {
-        let mut pointer = error.instance_path().to_string();
-        // A missing property is reported at its object; point at the
-        // property itself.
-        if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
-            && let Some(name) = property.as_str()
-        {
-            pointer.push('/');
-            pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-        }
+    if let Some((pointer, message)) = first_violation(schema, &instance) {
         return Err(ApiError::invalid(
             StatusCode::UNPROCESSABLE_ENTITY,
-            pointer.clone(),
-            format!(
-                "{} at `{}`",
-                error,
-                if pointer.is_empty() { "/" } else { &pointer }
-            ),
+            pointer,
+            message,
         ));
     }
     match instance {
         Json::Object(body) => Ok(body),
         _ => Ok(serde_json::Map::new()),
     }
+}
+
+/// The first way `instance` breaks `schema`, if any: the JSON pointer of
+/// the offending value and a message naming it. A missing property is
+/// pointed at itself, not at its object.
+pub(crate) fn first_violation(
+    schema: &jsonschema::Validator,
+    instance: &Json,
+) -> Option<(String, String)> {
+    if schema.is_valid(instance) {
+        return None;
+    }
+    let error = schema.iter_errors(instance).next()?;
+    let mut pointer = error.instance_path().to_string();
+    if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
+        && let Some(name) = property.as_str()
+    {
+        pointer.push('/');
+        pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+    }
+    let message = format!(
+        "{error} at `{}`",
+        if pointer.is_empty() { "/" } else { &pointer }
+    );
+    Some((pointer, message))
 }
 
 /// Reads the envelope fields of a request body; the rest becomes `input`.

@@ -124,8 +124,6 @@ pub struct Prediction {
     /// 0.0 to 1.0: the softmax share of the best intent against the others
     /// and "none of them".
     pub confidence: f64,
-    /// The runner-up, for authoring help.
-    pub second: Option<IntentId>,
 }
 
 impl IntentModel {
@@ -332,11 +330,6 @@ impl IntentModel {
         }
     }
 
-    /// Whether the model has anything to go on (some intent has examples).
-    pub fn is_trained(&self) -> bool {
-        self.examples_per_intent.iter().any(|count| *count > 0)
-    }
-
     fn vector(&self, document: &[(u64, f32)]) -> Sparse {
         let mut weights: Vec<(u32, f32)> = document
             .iter()
@@ -432,14 +425,12 @@ impl IntentModel {
         let mut probabilities = vec![0.0f32; self.classes()];
         self.logits(&vector, &mut probabilities);
         softmax(&mut probabilities);
+        // The first of the most likely, as ties go to the intent declared
+        // first.
         let mut best: Option<(usize, f32)> = None;
-        let mut second: Option<(usize, f32)> = None;
         for (index, probability) in probabilities.iter().copied().enumerate() {
             if best.is_none_or(|(_, top)| probability > top) {
-                second = best;
                 best = Some((index, probability));
-            } else if second.is_none_or(|(_, runner)| probability > runner) {
-                second = Some((index, probability));
             }
         }
         let (best, probability) = best?;
@@ -452,7 +443,6 @@ impl IntentModel {
         Some(Prediction {
             intent: IntentId(best as u32),
             confidence: f64::from(probability * known),
-            second: second.map(|(second, _)| IntentId(second as u32)),
         })
     }
 }

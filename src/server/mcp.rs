@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use rmcp::model::{
@@ -28,7 +27,10 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
 
-use super::{ApiError, AppState, CallerLabel, MAX_REQUEST_BYTES, new_trace_id, run_logged_turn};
+use super::{
+    ApiError, AppState, CallerLabel, MAX_REQUEST_BYTES, first_violation, new_trace_id,
+    run_logged_turn,
+};
 use crate::admission::{self, Refusal};
 use crate::engine::TurnRequest;
 use crate::project::{Decision, FlowTool};
@@ -131,13 +133,9 @@ pub async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Ne
     let name = caller.name().to_owned();
     tracing::Span::current().record("caller", name.as_str());
     if !caller.allows_channel(MCP_CHANNEL) {
-        let error = ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "the caller key `{name}` may not use channel `{MCP_CHANNEL}` (the /mcp endpoint)"
-            ),
-        );
+        let error = ApiError::forbidden(format!(
+            "the caller key `{name}` may not use channel `{MCP_CHANNEL}` (the /mcp endpoint)"
+        ));
         return labelled(error.into_response(), &name);
     }
     if let Err(refusal) = state.admission.for_limits(&project.limits).check_key(&name) {
@@ -208,9 +206,8 @@ impl ServerHandler for ToolServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let Some(caller) = context
-            .extensions
-            .get::<axum::http::request::Parts>()
+        let parts = context.extensions.get::<axum::http::request::Parts>();
+        let Some(caller) = parts
             .and_then(|parts| parts.extensions.get::<McpCaller>())
             .cloned()
         else {
@@ -220,11 +217,9 @@ impl ServerHandler for ToolServer {
                 None,
             ));
         };
-        let traceparent = context
-            .extensions
-            .get::<axum::http::request::Parts>()
-            .and_then(|parts| super::trace_id_from_traceparent(&parts.headers));
-        let trace_id = traceparent.unwrap_or_else(new_trace_id);
+        let trace_id = parts
+            .and_then(|parts| super::trace_id_from_traceparent(&parts.headers))
+            .unwrap_or_else(new_trace_id);
         let span = tracing::info_span!(
             "request",
             endpoint = "/mcp",
@@ -288,14 +283,9 @@ impl ToolServer {
         };
         let arguments = request.arguments.unwrap_or_default();
         let instance = Json::Object(arguments);
-        if let Some(error) = tool.validator.iter_errors(&instance).next() {
-            let pointer = error.instance_path().to_string();
+        if let Some((pointer, message)) = first_violation(&tool.validator, &instance) {
             return Err(McpError::invalid_params(
-                format!(
-                    "invalid arguments for tool `{}`: {error} at `{}`",
-                    tool.name,
-                    if pointer.is_empty() { "/" } else { &pointer }
-                ),
+                format!("invalid arguments for tool `{}`: {message}", tool.name),
                 Some(json!({ "code": "invalid_arguments", "pointer": pointer })),
             ));
         }
@@ -326,11 +316,11 @@ impl ToolServer {
         // Users and sessions of tool calls live under `mcp:<caller key>:`,
         // apart from `/orchestrate`'s and the channels'.
         let user_id = match meta("user_id")? {
-            Some(user) => format!("{MCP_CHANNEL}:{caller}:{user}"),
-            None => format!("{MCP_CHANNEL}:{caller}"),
+            Some(user) => format!("{MCP_ID_PREFIX}{caller}:{user}"),
+            None => format!("{MCP_ID_PREFIX}{caller}"),
         };
         let session_id = match meta("session_id")? {
-            Some(session) => format!("{MCP_CHANNEL}:{caller}:{session}"),
+            Some(session) => format!("{MCP_ID_PREFIX}{caller}:{session}"),
             None => user_id.clone(),
         };
         if context.ct.is_cancelled() {
@@ -440,10 +430,13 @@ fn mcp_tool(tool: &FlowTool) -> Tool {
         _ => JsonObject::new(),
     };
     Tool::new(tool.name.clone(), tool.description.clone(), Arc::new(input))
-        .with_raw_output_schema(Arc::new(output_schema()))
+        .with_raw_output_schema(OUTPUT_SCHEMA.clone())
 }
 
-/// What every tool answers in `structuredContent`.
+/// What every tool answers in `structuredContent`, built once.
+static OUTPUT_SCHEMA: std::sync::LazyLock<Arc<JsonObject>> =
+    std::sync::LazyLock::new(|| Arc::new(output_schema()));
+
 fn output_schema() -> JsonObject {
     let schema = json!({
         "type": "object",

@@ -22,15 +22,13 @@
 //! show every turn run and the queue empty, and only then counts what the
 //! fake API received.
 
-use std::cell::RefCell;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{Value as Json, json};
 
-use super::serve_binary::{KillOnDrop, listening_port, serve_command, stderr_lines};
+use super::serve_binary::Served;
 use super::{Received, Stub, http_client, json_response};
 use crate::{repository_root, shipped_project_copy};
 
@@ -87,13 +85,10 @@ services:
 
 /// The binary, serving a project copy on its own port.
 struct Running {
-    port: u16,
-    client: reqwest::Client,
     /// Dropped first: the binary stops before its project directory goes.
-    _child: KillOnDrop,
+    served: Served,
+    client: reqwest::Client,
     _project: tempfile::TempDir,
-    lines: Receiver<String>,
-    logged: RefCell<Vec<String>>,
 }
 
 /// A response, read whole.
@@ -136,23 +131,10 @@ async fn start(project: tempfile::TempDir, variables: &[(&str, &str)]) -> Runnin
         ("PER_USER_RATE", "100000/s"),
     ];
     all.extend_from_slice(variables);
-    let mut child = serve_command(&all).spawn().unwrap();
-    let lines = stderr_lines(&mut child);
-    let child = KillOnDrop(child);
-    let (port, lines, logged) = tokio::task::spawn_blocking(move || {
-        let mut logged = Vec::new();
-        let port = listening_port(&lines, &mut logged, START_DEADLINE);
-        (port, lines, logged)
-    })
-    .await
-    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
     Running {
-        port,
+        served: Served::start(&all, START_DEADLINE).await,
         client: http_client(),
-        _child: child,
         _project: project,
-        lines,
-        logged: RefCell::new(logged),
     }
 }
 
@@ -183,13 +165,12 @@ fn project_with_partner_channels() -> tempfile::TempDir {
 
 impl Running {
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://127.0.0.1:{}{path}", self.served.port)
     }
 
     /// The binary's last log lines, for failure messages.
     fn log(&self) -> String {
-        let mut logged = self.logged.borrow_mut();
-        logged.extend(self.lines.try_iter());
+        let logged = self.served.logged();
         let from = logged.len().saturating_sub(40);
         logged[from..].join("\n")
     }

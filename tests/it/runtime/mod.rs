@@ -263,6 +263,26 @@ impl Answer {
 }
 
 /// The request body of a turn of `user_id` "u-1" saying `text`.
+/// An in-process request to `/mcp` with what the transport requires (an
+/// allowed `Host`, JSON, both media types accepted, a 2025 revision).
+pub fn mcp_request(body: Body) -> Request<Body> {
+    Request::post("/mcp")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(body)
+        .unwrap()
+}
+
+/// A JSON-RPC `tools/call` of `tool` with `params` (`arguments`, `_meta`).
+pub fn tools_call(mut params: Json, tool: &str) -> Body {
+    params["name"] = json!(tool);
+    Body::from(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}).to_string(),
+    )
+}
+
 pub fn turn_request(text: &str) -> Json {
     json!({"text": text, "user_id": "u-1"})
 }

@@ -572,19 +572,10 @@ async fn metrics_are_prometheus_text_naming_every_metric_of_the_dashboard() {
     harness.orchestrate(json!({"user_id": "u-1"})).await;
     // A tool call over MCP.
     let tool_call = harness
-        .send(
-            Request::post("/mcp")
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("mcp-protocol-version", "2025-06-18")
-                .body(Body::from(
-                    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                           "params": {"name": "get_profile", "arguments": {}}})
-                    .to_string(),
-                ))
-                .unwrap(),
-        )
+        .send(super::mcp_request(super::tools_call(
+            json!({"arguments": {}}),
+            "get_profile",
+        )))
         .await;
     assert_eq!(tool_call.status, StatusCode::OK, "{tool_call:?}");
     let reloader = Reloader::new(

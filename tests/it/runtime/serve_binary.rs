@@ -237,6 +237,43 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `serve` with `variables`, listening on its own port, killed when
+/// dropped; its log lines are kept as they are read.
+pub(crate) struct Served {
+    pub(crate) port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+    logged: std::cell::RefCell<Vec<String>>,
+    _child: KillOnDrop,
+}
+
+impl Served {
+    /// Starts it and waits, at most `wait`, until it listens.
+    pub(crate) async fn start(variables: &[(&str, &str)], wait: Duration) -> Served {
+        let mut child = serve_command(variables).spawn().unwrap();
+        let lines = stderr_lines(&mut child);
+        let child = KillOnDrop(child);
+        let (port, lines, logged) = tokio::task::spawn_blocking(move || {
+            let mut logged = Vec::new();
+            let port = listening_port(&lines, &mut logged, wait);
+            (port, lines, logged)
+        })
+        .await
+        .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+        Served {
+            port,
+            lines,
+            logged: std::cell::RefCell::new(logged),
+            _child: child,
+        }
+    }
+
+    /// Every line logged so far.
+    pub(crate) fn logged(&self) -> std::cell::Ref<'_, Vec<String>> {
+        self.logged.borrow_mut().extend(self.lines.try_iter());
+        self.logged.borrow()
+    }
+}
+
 /// The child's stderr, line by line, read on a thread of its own.
 pub(crate) fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
