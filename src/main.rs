@@ -418,6 +418,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             admission: Default::default(),
             breakers: Default::default(),
             channels: Default::default(),
+            events: Default::default(),
         });
         let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
         let _watch = reloader.watch()?;

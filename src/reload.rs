@@ -272,6 +272,8 @@ impl Reloader {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         change(&mut status);
+        drop(status);
+        self.state.events.reloaded();
     }
 
     /// Watches the project and reloads on changes until the returned guard

@@ -176,6 +176,64 @@ pub struct AppState {
     /// Outlives deployments: the channels' seen deliveries, background
     /// queue and counters.
     pub channels: crate::channels::ChannelRuntime,
+    /// What long-lived streams (MCP subscriptions) wait on: reloads and
+    /// shutdown, and the places such streams may take.
+    pub events: Events,
+}
+
+/// Most long-lived streams open at once (MCP `subscriptions/listen`): each
+/// holds a connection and a task, so their number is bounded.
+pub const MAX_STREAMS: usize = 1024;
+
+/// Signals for long-lived streams, which outlive any one request.
+pub struct Events {
+    /// Bumped after every reload attempt, whatever its outcome: a stream
+    /// re-reads what it shows (the tools, the reload status).
+    reloads: tokio::sync::watch::Sender<u64>,
+    /// Set when the server stops accepting: streams end so that shutdown
+    /// does not wait out its grace period for them.
+    closing: tokio::sync::watch::Sender<bool>,
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events {
+            reloads: tokio::sync::watch::Sender::new(0),
+            closing: tokio::sync::watch::Sender::new(false),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
+    }
+}
+
+impl Events {
+    /// After a reload attempt.
+    pub fn reloaded(&self) {
+        self.reloads
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// When the server stops accepting requests.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// A place for one long-lived stream, or `None` when all are taken.
+    pub fn stream_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().ok()
+    }
+
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Completes once the server is closing.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
 }
 
 /// The router, for the server and for in-process tests.
@@ -1082,5 +1140,10 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let settings = state.settings.connections;
+    let closing = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.events.close();
+    };
     connections::serve(listener, app(state), settings, shutdown, grace).await
 }

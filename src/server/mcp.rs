@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode,
     Implementation, JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
-    ServerConfig, Tool,
+    ServerConfig, ServerNotification, SubscriptionFilter, Tool,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -177,9 +177,16 @@ pub struct ToolServer {
 
 impl ServerHandler for ToolServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
-            Implementation::new("mcp-orchestrator", env!("CARGO_PKG_VERSION")),
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
         )
+        .with_server_info(Implementation::new(
+            "mcp-orchestrator",
+            env!("CARGO_PKG_VERSION"),
+        ))
     }
 
     async fn list_tools(
@@ -187,10 +194,53 @@ impl ServerHandler for ToolServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let deployment = self.state.deployment.load();
-        Ok(ListToolsResult::with_all_items(
-            deployment.project.tools().map(mcp_tool).collect(),
-        ))
+        Ok(ListToolsResult::with_all_items(self.tool_list()))
+    }
+
+    /// `subscriptions/listen` (protocol 2026-07-28): tool list changes only.
+    fn accepted_subscription_filter(
+        &self,
+        _requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(SubscriptionFilter::builder().tools_list_changed().build())
+    }
+
+    /// Notifies `notifications/tools/list_changed` when a reload changes
+    /// the tools, until the client goes or the server closes. Streams are
+    /// bounded (`MAX_STREAMS`).
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), McpError> {
+        let Some(_permit) = self.state.events.stream_permit() else {
+            return Err(McpError::new(
+                SERVER_ERROR,
+                "too many open subscriptions; try again later",
+                Some(json!({"code": "overloaded"})),
+            ));
+        };
+        let mut reloads = self.state.events.reloads();
+        let closed = self.state.events.closed();
+        tokio::pin!(closed);
+        let mut tools = self.tool_list();
+        loop {
+            tokio::select! {
+                () = subscription.cancelled() => return Ok(()),
+                () = &mut closed => return Ok(()),
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now = self.tool_list();
+                    if now == tools {
+                        continue;
+                    }
+                    tools = now;
+                    let notification =
+                        ServerNotification::ToolListChangedNotification(Default::default());
+                    if subscription.sink().send(notification).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
@@ -262,6 +312,12 @@ impl ServerHandler for ToolServer {
 }
 
 impl ToolServer {
+    /// The live deployment's tools, as `tools/list` answers them.
+    fn tool_list(&self) -> Vec<Tool> {
+        let deployment = self.state.deployment.load();
+        deployment.project.tools().map(mcp_tool).collect()
+    }
+
     async fn run_tool(
         &self,
         request: CallToolRequestParams,

@@ -145,6 +145,7 @@ async fn serve_dir(
         admission: Default::default(),
         breakers: Default::default(),
         channels: Default::default(),
+        events: Default::default(),
     });
     let reloader = Reloader::new(source, state.clone());
     let watch = reloader.watch().unwrap();

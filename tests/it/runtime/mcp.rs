@@ -44,6 +44,9 @@ async fn start() -> Running {
             ("PARTNER_API_KEY", PARTNER_KEY),
             ("WEB_APP_API_KEY", WEB_APP_KEY),
             ("PER_USER_RATE", "100000/s"),
+            // Longer than any deadline here: a stream that held shutdown
+            // up would show.
+            ("SHUTDOWN_GRACE", "120s"),
         ],
         START_DEADLINE,
     )
@@ -318,6 +321,19 @@ async fn tools_list_follows_an_edit_of_the_flow_files() {
     };
     let before = names(client.list_all_tools().await.unwrap());
     assert!(before.contains(&"show_menu".to_owned()));
+    // A 2026 client listens for list changes (`subscriptions/listen`).
+    let listener = running
+        .client(PARTNER_KEY, ProtocolVersion::V_2026_07_28)
+        .await;
+    let mut subscription = listener
+        .listen(
+            rmcp::model::SubscriptionFilter::builder()
+                .tools_list_changed()
+                .build(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(subscription.acknowledged().tools_list_changed, Some(true));
     let menu = running.project.path().join("flows/menu.yaml");
     let text = std::fs::read_to_string(&menu).unwrap();
     std::fs::write(
@@ -341,7 +357,23 @@ async fn tools_list_follows_an_edit_of_the_flow_files() {
     assert!(!after.contains(&"show_menu".to_owned()));
     let result = call(&client, "read_menu", json!({})).await.unwrap();
     assert_eq!(result.structured_content.unwrap()["route"], "menu");
-    client.cancel().await.unwrap();
+    let notification = tokio::time::timeout(RELOAD_DEADLINE, subscription.next())
+        .await
+        .expect("no list change notified")
+        .unwrap();
+    assert!(
+        matches!(
+            notification,
+            Some(rmcp::model::ServerNotification::ToolListChangedNotification(_))
+        ),
+        "{notification:?}"
+    );
+    // Shutdown ends the subscription rather than waiting out the grace.
+    running.served.terminate();
+    let end = tokio::time::timeout(RELOAD_DEADLINE, subscription.next())
+        .await
+        .expect("the subscription outlived the shutdown");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }
 
 /// A project whose tool reads an entity, its session and `text`, and ends

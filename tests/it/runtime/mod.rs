@@ -153,6 +153,7 @@ impl Harness {
             admission: Default::default(),
             breakers: Default::default(),
             channels: Default::default(),
+            events: Default::default(),
         });
         Harness { state, sessions }
     }

@@ -267,6 +267,13 @@ impl Served {
         }
     }
 
+    /// Sends SIGTERM, as an orchestrator stopping the process does.
+    pub(crate) fn terminate(&self) {
+        let pid = self._child.0.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+    }
+
     /// Every line logged so far.
     pub(crate) fn logged(&self) -> std::cell::Ref<'_, Vec<String>> {
         self.logged.borrow_mut().extend(self.lines.try_iter());

@@ -360,6 +360,7 @@ pub fn replica(
         admission: Default::default(),
         breakers: Default::default(),
         channels: Default::default(),
+        events: Default::default(),
     })
 }
 
