@@ -26,6 +26,7 @@ mod channels;
 mod flows;
 mod intents;
 mod names;
+pub mod online;
 mod schemas;
 mod services;
 mod templates;

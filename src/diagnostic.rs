@@ -57,6 +57,14 @@ pub enum Code {
     FewExamples,
     DuplicateExample,
     ConfusableExample,
+    /// `check --online` only: a `kind: mcp` service's server did not list
+    /// its tools.
+    McpServerUnavailable,
+    /// `check --online` only: the server serves no such tool.
+    UnknownTool,
+    /// `check --online` only: a call's body does not fit the tool's
+    /// input schema.
+    InvalidArguments,
 }
 
 impl Code {
@@ -97,6 +105,9 @@ impl Code {
             Code::FewExamples => "few-examples",
             Code::DuplicateExample => "duplicate-example",
             Code::ConfusableExample => "confusable-example",
+            Code::McpServerUnavailable => "mcp-server-unavailable",
+            Code::UnknownTool => "unknown-tool",
+            Code::InvalidArguments => "invalid-arguments",
         }
     }
 
@@ -137,7 +148,19 @@ impl Code {
         Code::FewExamples,
         Code::DuplicateExample,
         Code::ConfusableExample,
+        Code::McpServerUnavailable,
+        Code::UnknownTool,
+        Code::InvalidArguments,
     ];
+
+    /// Whether only `check --online` reports it (it needs a server to
+    /// answer, so no fixture project produces it alone).
+    pub fn is_online(self) -> bool {
+        matches!(
+            self,
+            Code::McpServerUnavailable | Code::UnknownTool | Code::InvalidArguments
+        )
+    }
 }
 
 /// A place in a project file. `file` is relative to the project directory.

@@ -91,6 +91,11 @@ struct CheckArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     deny_warnings: bool,
+    /// Also ask the server of every `kind: mcp` service for its tools: a
+    /// tool it does not serve, or a call's arguments its schema refuses,
+    /// is an error.
+    #[arg(long)]
+    online: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,6 +216,23 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
     }
     let environment = std::env::vars().collect();
     let mut checked = mcp_orchestrator::flowtest::check_with_tests(&args.dir, &environment);
+    if args.online {
+        match &checked.project {
+            Some(project) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let online = runtime.block_on(mcp_orchestrator::check::online::check_mcp_servers(
+                    &args.dir,
+                    &environment,
+                    project,
+                ));
+                checked.diagnostics.extend(online);
+                diagnostic::sort(&mut checked.diagnostics);
+            }
+            None => eprintln!("--online: not checked, the project has errors"),
+        }
+    }
     if args.deny_warnings {
         for diagnostic in &mut checked.diagnostics {
             diagnostic.severity = Severity::Error;
@@ -370,7 +392,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = mcp_orchestrator::services::http_client()?;
         let transport = match proxy {
             Some(_) => mcp_orchestrator::services::HttpTransport::through_proxy(http.clone()),

@@ -22,6 +22,8 @@ use crate::project::{HttpMethod, Service};
 mod circuit_breaker;
 mod mcp_call;
 
+pub use mcp_call::list_tools;
+
 pub use circuit_breaker::{CircuitBreakers, CircuitState};
 
 /// Largest service answer read, in bytes; a larger one is `service_bad_response`.
@@ -315,6 +317,9 @@ pub fn proxy_configured(variable: impl Fn(&str) -> Option<String>) -> Option<&'s
 /// connections, a connect timeout, no redirects; per-request timeouts are
 /// set on each request.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    // reqwest reads the process's rustls provider; ring unless one was
+    // installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)

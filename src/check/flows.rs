@@ -900,7 +900,7 @@ impl Checker<'_> {
     }
 }
 
-fn collect_steps<'s>(steps: &'s [Spanned<spec::Step>], out: &mut Vec<&'s spec::Step>) {
+pub(super) fn collect_steps<'s>(steps: &'s [Spanned<spec::Step>], out: &mut Vec<&'s spec::Step>) {
     for step in steps {
         let spec = &step.value;
         out.push(spec);

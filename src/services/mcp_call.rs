@@ -13,8 +13,9 @@ use bytes::Bytes;
 use rmcp::ServiceExt;
 use rmcp::model::{
     CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, JsonObject,
-    ProtocolVersion,
+    ProtocolVersion, Tool,
 };
+use rmcp::service::{RoleClient, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::Value as Json;
@@ -23,6 +24,74 @@ use super::{OutgoingRequest, RawResponse, TransportError};
 
 /// The status of a tool's own failure: a client error, never retried.
 const TOOL_ERROR_STATUS: u16 = 422;
+
+/// The tools `url` serves, for `check --online`: connects with `headers`
+/// and lists every page within `timeout`.
+pub async fn list_tools(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(String, String)],
+    timeout: std::time::Duration,
+) -> Result<Vec<Tool>, String> {
+    let headers = header_map(
+        headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str())),
+    )?;
+    let exchange = async {
+        let session = connect(client, url, headers).await?;
+        let tools = session.list_all_tools().await;
+        let _ = session.cancel().await;
+        tools.map_err(|error| format!("tools/list: {error}"))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// A client session with the server at `url` (`initialize` done).
+async fn connect(
+    client: &reqwest::Client,
+    url: &str,
+    headers: HashMap<http::HeaderName, http::HeaderValue>,
+) -> Result<RunningService<RoleClient, ClientConfig>, String> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url).custom_headers(headers);
+    // The same cap as an HTTP service's answer.
+    config.max_json_response_size = super::MAX_RESPONSE_BYTES;
+    config.max_sse_event_size = super::MAX_RESPONSE_BYTES;
+    let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
+    let info = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("mcp-orchestrator", env!("CARGO_PKG_VERSION")),
+    )
+    .with_protocol_version(ProtocolVersion::V_2025_11_25);
+    info.serve(transport).await.map_err(|error| match error {
+        // The transport's own error, without the SDK's type names.
+        rmcp::service::ClientInitializeError::TransportError { error, .. } => {
+            format!("MCP initialize: {}", super::error_chain(&*error.error))
+        }
+        other => format!("MCP initialize: {other}"),
+    })
+}
+
+/// Request headers, refused when a name or value cannot be sent.
+fn header_map<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<HashMap<http::HeaderName, http::HeaderValue>, String> {
+    let mut headers = HashMap::new();
+    for (name, value) in pairs {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name `{name}`"))?;
+        let value = http::HeaderValue::from_str(value)
+            .map_err(|_| format!("invalid value for header `{name}`"))?;
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
 
 /// Calls `tool` with the request's body as arguments.
 pub(super) async fn call_tool(
@@ -42,40 +111,22 @@ pub(super) async fn call_tool(
             }
         },
     };
-    let mut headers = HashMap::new();
     let trace = [
         ("traceparent", request.trace.traceparent.as_str()),
         ("x-trace-id", request.trace.trace_id.as_str()),
     ];
-    for (name, value) in request
-        .headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_str()))
-        .chain(trace)
-    {
-        let name = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| TransportError::InvalidRequest(format!("invalid header name `{name}`")))?;
-        let value = http::HeaderValue::from_str(value).map_err(|_| {
-            TransportError::InvalidRequest(format!("invalid value for header `{name}`"))
-        })?;
-        headers.insert(name, value);
-    }
-    let mut config =
-        StreamableHttpClientTransportConfig::with_uri(request.url.as_str()).custom_headers(headers);
-    // The same cap as an HTTP service's answer.
-    config.max_json_response_size = super::MAX_RESPONSE_BYTES;
-    config.max_sse_event_size = super::MAX_RESPONSE_BYTES;
-    let transport = StreamableHttpClientTransport::with_client(client.clone(), config);
+    let headers = header_map(
+        request
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .chain(trace),
+    )
+    .map_err(TransportError::InvalidRequest)?;
     let exchange = async {
-        let info = ClientConfig::new(
-            ClientCapabilities::default(),
-            Implementation::new("mcp-orchestrator", env!("CARGO_PKG_VERSION")),
-        )
-        .with_protocol_version(ProtocolVersion::V_2025_11_25);
-        let session = info
-            .serve(transport)
+        let session = connect(client, request.url.as_str(), headers)
             .await
-            .map_err(|error| TransportError::Connect(format!("MCP initialize: {error}")))?;
+            .map_err(TransportError::Connect)?;
         let result = session
             .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
             .await;

@@ -507,6 +507,34 @@ impl rmcp::ServerHandler for KitchenServer {
         )
     }
 
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, rmcp::ErrorData> {
+        let tool = |name: &'static str, schema: Json| {
+            let Json::Object(schema) = schema else {
+                unreachable!("a tool's schema is an object")
+            };
+            rmcp::model::Tool::new(name, "a kitchen tool", std::sync::Arc::new(schema))
+        };
+        let query = json!({
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "limit": {"type": "integer", "maximum": 20}
+            },
+            "required": ["query"],
+            "additionalProperties": false
+        });
+        let anything = json!({"type": "object"});
+        Ok(rmcp::model::ListToolsResult::with_all_items(vec![
+            tool("find_dishes", query),
+            tool("broken", anything.clone()),
+            tool("slow", anything),
+        ]))
+    }
+
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
@@ -639,4 +667,123 @@ async fn a_flow_calls_an_mcp_tool_as_a_service_validated_like_any_answer() {
         .await;
     assert_eq!(late["reply_text"], "error service_timeout", "{late:#}");
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// `check --online` against the kitchen: a tool the server does not
+/// serve, a required argument left out, an argument the tool does not
+/// take, a literal the tool's schema refuses, a server that does not
+/// answer; offline, the same project passes.
+#[tokio::test]
+async fn check_online_asks_each_mcp_server_for_its_tools() {
+    let url = kitchen().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/mcp", listener.local_addr().unwrap())
+    };
+    let project = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(project.path().join("flows")).unwrap();
+    std::fs::write(
+        project.path().join("flows/main.yaml"),
+        r#"intents:
+  ask: { keywords: [ask] }
+classifier: { fallback: ask }
+services:
+  dishes: { kind: mcp, url: "${KITCHEN_URL}", tool: find_dishes }
+  typo: { kind: mcp, url: "${KITCHEN_URL}", tool: find_dish }
+  gone: { kind: mcp, url: "${GONE_URL}", tool: find_dishes }
+flows:
+  ask:
+    intent: ask
+    steps:
+      - call: dishes
+        body: { query: "{{ text }}", limit: 5 }
+      - call: dishes
+        body:
+          qurey: "{{ text }}"
+          limit: 50
+      - call: typo
+      - call: gone
+      - reply: done
+"#,
+    )
+    .unwrap();
+    let check = |online: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-orchestrator"));
+        command
+            .arg("check")
+            .arg(project.path())
+            .args(["--format", "json"])
+            .env("KITCHEN_URL", &url)
+            .env("GONE_URL", &closed)
+            .env_remove("MCP_PROJECT_DIR");
+        if online {
+            command.arg("--online");
+        }
+        command
+    };
+    let offline = tokio::task::spawn_blocking({
+        let mut command = check(false);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        offline.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&offline.stdout)
+    );
+
+    let online = tokio::task::spawn_blocking({
+        let mut command = check(true);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        online.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&online.stderr)
+    );
+    let found: Json = serde_json::from_slice(&online.stdout).unwrap();
+    let found: Vec<(String, u64, u64, String)> = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["code"].as_str().unwrap().to_owned(),
+                d["line"].as_u64().unwrap(),
+                d["column"].as_u64().unwrap(),
+                format!("{} {}", d["message"], d["hint"]),
+            )
+        })
+        .collect();
+    let has = |code: &str, line: u64, column: u64, text: &str| {
+        assert!(
+            found
+                .iter()
+                .any(|f| f.0 == code && f.1 == line && f.2 == column && f.3.contains(text)),
+            "no {code} at {line}:{column} with `{text}` in {found:#?}"
+        );
+    };
+    has("unknown-tool", 6, 51, "did you mean `find_dishes`?");
+    has(
+        "mcp-server-unavailable",
+        7,
+        27,
+        "cannot list the tools of service `gone`",
+    );
+    has("mcp-server-unavailable", 7, 27, "error sending request");
+    has("invalid-arguments", 16, 11, "requires argument `query`");
+    has("invalid-arguments", 16, 11, "did you mean `query`?");
+    has(
+        "invalid-arguments",
+        17,
+        18,
+        "50 is greater than the maximum of 20",
+    );
+    // The first call fits; the typo'd service is not checked further.
+    assert_eq!(found.len(), 5, "{found:#?}");
 }
