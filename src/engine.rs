@@ -190,7 +190,27 @@ pub async fn run_turn(
     deps: &TurnDeps<'_>,
     request: &TurnRequest,
 ) -> Result<TurnOutcome, TurnError> {
+    run(deps, request, None).await
+}
+
+/// Runs one turn and records what it did, step by step, for the console
+/// (`trace`); the recording is there whether the turn answered or failed.
+pub async fn run_turn_recorded(
+    deps: &TurnDeps<'_>,
+    request: &TurnRequest,
+) -> (Result<TurnOutcome, TurnError>, Recording) {
+    let mut recording = Recording::default();
+    let result = run(deps, request, Some(&mut recording)).await;
+    (result, recording)
+}
+
+async fn run(
+    deps: &TurnDeps<'_>,
+    request: &TurnRequest,
+    mut recording: Option<&mut Recording>,
+) -> Result<TurnOutcome, TurnError> {
     let project = deps.project;
+    let started = Instant::now();
     let (intent_name, classification, flow) = match request.direct {
         Some(flow_id) => {
             let flow = project.flow(flow_id);
@@ -212,6 +232,11 @@ pub async fn run_turn(
         source = classification.source.as_str(),
         "Intent classified"
     );
+    if let Some(recording) = recording.as_deref_mut() {
+        recording.classified_us = micros_since(started);
+        recording.classification = Some(classification.clone());
+        recording.flow = Some(flow.name.clone());
+    }
 
     let mut session_error = None;
     // The store bounds its own time; the deadline bounds it too, so no
@@ -257,6 +282,9 @@ pub async fn run_turn(
         "session",
         json_document(serde_json::Value::Object(session.variables.clone())),
     );
+    if let Some(recording) = recording.as_deref_mut() {
+        recording.session_before = Some(serde_json::Value::Object(session.variables.clone()));
+    }
     let mut run = Run {
         deps,
         flow,
@@ -271,9 +299,15 @@ pub async fn run_turn(
         spans: Vec::new(),
         trace: trace_headers(&request.trace_id),
         visited: Vec::new(),
+        recording,
+        started,
     };
     tracing::debug!(event_type = "flow_start", io = "none", flow = %flow.name, "Flow started");
-    let reply = match run.steps(&flow.steps).await? {
+    let control = run.steps(&flow.steps).await;
+    if let Some(recording) = run.recording.as_deref_mut() {
+        recording.session_after = Some(serde_json::Value::Object(run.session_variables.clone()));
+    }
+    let reply = match control? {
         Control::Reply(reply) => reply,
         // `check` proves every path replies; this is the last resort.
         Control::Next => {
@@ -433,9 +467,120 @@ struct Run<'a, 'd> {
     spans: Vec<ServiceSpan>,
     trace: TraceHeaders,
     visited: Vec<u32>,
+    /// Present when the console records this turn.
+    recording: Option<&'a mut Recording>,
+    started: Instant,
+}
+
+/// What a turn did, for the console: filled only by `run_turn_recorded`.
+/// Payloads are as the services saw them; `trace` redacts them.
+#[derive(Debug, Default)]
+pub struct Recording {
+    pub classification: Option<Classification>,
+    /// The flow that ran.
+    pub flow: Option<String>,
+    /// When classification ended, from the turn's start.
+    pub classified_us: u64,
+    pub session_before: Option<serde_json::Value>,
+    pub session_after: Option<serde_json::Value>,
+    /// In the order reached.
+    pub steps: Vec<StepRecord>,
+    pub calls: Vec<CallRecord>,
+}
+
+/// One step reached.
+#[derive(Debug)]
+pub struct StepRecord {
+    /// `Step::index`: where it is (`CompiledProject::steps`).
+    pub index: u32,
+    pub kind: &'static str,
+    pub id: Option<String>,
+    /// From the turn's start.
+    pub started_us: u64,
+    /// `None` when the turn failed inside this step.
+    pub duration_us: Option<u64>,
+    /// Its `if` was false: its `else` ran instead, if any.
+    pub skipped: bool,
+}
+
+/// One service call, with what was sent and what came back.
+#[derive(Debug)]
+pub struct CallRecord {
+    /// The step that made it.
+    pub step: u32,
+    pub started_us: u64,
+    pub request: Option<serde_json::Value>,
+    pub response: Option<serde_json::Value>,
+    pub span: ServiceSpan,
+    pub error: Option<(String, String)>,
+}
+
+fn micros_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A step's kind, as the flow file says it.
+fn step_kind(step: &Step) -> &'static str {
+    match &step.action {
+        Action::Call(_) => "call",
+        Action::Reply(_) => "reply",
+        Action::Set(_) => "set",
+        Action::Then(_) => "then",
+        Action::Switch(_) => "switch",
+        Action::Parallel(_) => "parallel",
+        Action::Foreach(_) => "foreach",
+    }
 }
 
 impl<'a, 'd> Run<'a, 'd> {
+    /// Notes that `step` is reached; returns its place in the recording.
+    fn record_step(&mut self, step: &Step) -> Option<usize> {
+        let started = self.started;
+        let recording = self.recording.as_deref_mut()?;
+        recording.steps.push(StepRecord {
+            index: step.index,
+            kind: step_kind(step),
+            id: step.id.clone(),
+            started_us: micros_since(started),
+            duration_us: None,
+            skipped: false,
+        });
+        Some(recording.steps.len() - 1)
+    }
+
+    fn record_step_end(&mut self, slot: Option<usize>, skipped: bool) {
+        let started = self.started;
+        if let (Some(slot), Some(recording)) = (slot, self.recording.as_deref_mut())
+            && let Some(record) = recording.steps.get_mut(slot)
+        {
+            record.duration_us = Some(micros_since(started).saturating_sub(record.started_us));
+            record.skipped = skipped;
+        }
+    }
+
+    fn record_call(
+        &mut self,
+        step: u32,
+        started_us: u64,
+        body: Option<&serde_json::Value>,
+        outcome: &services::CallOutcome,
+    ) {
+        if let Some(recording) = self.recording.as_deref_mut() {
+            recording.calls.push(CallRecord {
+                step,
+                started_us,
+                request: body.cloned(),
+                response: outcome.result.as_ref().ok().cloned(),
+                span: outcome.span.clone(),
+                error: outcome
+                    .result
+                    .as_ref()
+                    .err()
+                    .map(|error| (error.code.as_str().to_owned(), error.message.clone())),
+            });
+        }
+    }
+
     fn context_value(&self) -> Value {
         self.context.value()
     }
@@ -476,15 +621,19 @@ impl<'a, 'd> Run<'a, 'd> {
         Box::pin(async move {
             for step in steps {
                 self.visited.push(step.index);
+                let slot = self.record_step(step);
                 if let Some(condition) = step.condition
                     && !self.evaluate(step, condition)?.is_true()
                 {
+                    self.record_step_end(slot, true);
                     if let Control::Reply(reply) = self.steps(&step.otherwise).await? {
                         return Ok(Control::Reply(reply));
                     }
                     continue;
                 }
-                if let Control::Reply(reply) = self.action(step).await? {
+                let control = self.action(step).await?;
+                self.record_step_end(slot, false);
+                if let Control::Reply(reply) = control {
                     return Ok(Control::Reply(reply));
                 }
             }
@@ -499,7 +648,7 @@ impl<'a, 'd> Run<'a, 'd> {
                     Some(body) => Some(self.render_value(step, body)?),
                     None => None,
                 };
-                let outcome = self.send(call, body.as_ref()).await;
+                let outcome = self.send(step, call, body.as_ref()).await;
                 match outcome {
                     Ok(value) => {
                         if let Some(id) = &step.id {
@@ -604,6 +753,7 @@ impl<'a, 'd> Run<'a, 'd> {
 
     async fn send(
         &mut self,
+        step: &Step,
         call: &Call,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, ServiceError> {
@@ -611,6 +761,7 @@ impl<'a, 'd> Run<'a, 'd> {
         let service = project.service(call.service);
         let mode = &self.deps.modes[call.service.0 as usize];
         log_call(project, service, body);
+        let started_us = micros_since(self.started);
         let outcome = services::call(
             self.deps.transport,
             self.deps.breakers,
@@ -622,6 +773,7 @@ impl<'a, 'd> Run<'a, 'd> {
         )
         .await;
         log_outcome(project, &outcome.span, outcome.result.as_ref());
+        self.record_call(step.index, started_us, body, &outcome);
         self.spans.push(outcome.span);
         outcome.result
     }
@@ -630,6 +782,8 @@ impl<'a, 'd> Run<'a, 'd> {
         let mut planned: Vec<(&'a Step, &'a Call, Option<serde_json::Value>)> = Vec::new();
         for branch in branches {
             self.visited.push(branch.index);
+            let slot = self.record_step(branch);
+            self.record_step_end(slot, false);
             if let Some(condition) = branch.condition
                 && !self.evaluate(branch, condition)?.is_true()
             {
@@ -658,10 +812,12 @@ impl<'a, 'd> Run<'a, 'd> {
                 self.deps.deadline,
             )
         });
+        let started_us = micros_since(self.started);
         let outcomes = join_all(calls).await;
         let mut first_failure = None;
-        for ((branch, call, _), outcome) in planned.iter().zip(outcomes) {
+        for ((branch, call, body), outcome) in planned.iter().zip(outcomes) {
             log_outcome(project, &outcome.span, outcome.result.as_ref());
+            self.record_call(branch.index, started_us, body.as_ref(), &outcome);
             self.spans.push(outcome.span);
             match outcome.result {
                 Ok(value) => {

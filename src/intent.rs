@@ -165,6 +165,73 @@ impl crate::project::Classifier {
     }
 }
 
+/// Why the rules chose what they chose for `text`, in words, for the
+/// console: the keyword that matched (and whether the model overruled it),
+/// or the model's best guess, and whether `min_confidence` sent the turn to
+/// the fallback intent. Recomputed on demand: the hot path keeps no trace.
+pub fn explain_rules(project: &CompiledProject, text: &str) -> String {
+    let classifier = &project.classifier;
+    let normalized = normalize(text);
+    let (why, intent, confidence) = match classifier.keywords.best_match(&normalized) {
+        Some((intent, words)) => {
+            let keyword = project
+                .intent(intent)
+                .keywords
+                .iter()
+                .filter(|keyword| keyword.split(' ').count() == words)
+                .find(|keyword| normalized.contains(&format!(" {keyword} ")))
+                .map_or_else(String::new, |keyword| format!(" `{keyword}`"));
+            let overruled = (words <= MODEL_OVERRULES_WORDS)
+                .then(|| {
+                    classifier
+                        .model
+                        .overruling(text, intent, MODEL_OVERRULES_CONFIDENCE)
+                })
+                .flatten();
+            match overruled {
+                Some(prediction) => (
+                    format!(
+                        "keyword{keyword} of `{}` overruled by the model, sure of `{}`",
+                        project.intent(intent).name,
+                        project.intent(prediction.intent).name
+                    ),
+                    prediction.intent,
+                    prediction.confidence,
+                ),
+                None => (
+                    format!("keyword{keyword} of `{}`", project.intent(intent).name),
+                    intent,
+                    confidence_for(words),
+                ),
+            }
+        }
+        None => match classifier.model.predict(text) {
+            Some(prediction) => (
+                format!(
+                    "no keyword; the model's best guess is `{}`",
+                    project.intent(prediction.intent).name
+                ),
+                prediction.intent,
+                prediction.confidence,
+            ),
+            None => (
+                "no keyword, and nothing like the examples".to_owned(),
+                classifier.fallback,
+                0.0,
+            ),
+        },
+    };
+    if classifier.sure_enough(intent, confidence) == intent {
+        format!("{why} ({confidence:.2})")
+    } else {
+        format!(
+            "{why} ({confidence:.2}), below min_confidence {:.2}: the fallback intent `{}`",
+            classifier.min_confidence,
+            project.intent(classifier.fallback).name
+        )
+    }
+}
+
 /// Keywords of at most this many words yield to a model sure of another
 /// intent; longer ones ("what do you recommend") always decide.
 const MODEL_OVERRULES_WORDS: usize = 2;

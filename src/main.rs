@@ -39,6 +39,29 @@ enum Command {
     Test(TestArgs),
     /// Print the JSON Schema of the flow file format.
     Schema(SchemaArgs),
+    /// Draw the flows as a graph: intent → flow → steps, with branches,
+    /// `on_error` edges and replies with their routes.
+    Graph(GraphArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GraphArgs {
+    /// Project directory (holds `flows/` and `schemas/`).
+    #[arg(env = "MCP_PROJECT_DIR", default_value = ".")]
+    dir: PathBuf,
+    /// Only this flow (and the intents that run it).
+    #[arg(long)]
+    flow: Option<String>,
+    /// Mermaid (for READMEs and GitHub), DOT (for Graphviz) or SVG.
+    #[arg(long, value_enum, default_value_t = GraphOutput::Mermaid)]
+    format: GraphOutput,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GraphOutput {
+    Mermaid,
+    Dot,
+    Svg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,6 +181,11 @@ struct ServeArgs {
     /// Log service request and response payloads (redacted) at any level.
     #[arg(long, env = "LOG_PAYLOADS")]
     log_payloads: bool,
+    /// The console at `/console`: `on` or `off`. Default: on in
+    /// development; in production on only when a caller key is declared
+    /// with `console: true` (and then only such keys open it).
+    #[arg(long, env = "MCP_CONSOLE", value_parser = ["on", "off"])]
+    console: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -196,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => serve(*args),
         Command::Check(args) => check(args),
         Command::Test(args) => test(args),
+        Command::Graph(args) => graph(args),
         Command::Schema(args) => {
             let schema = if args.tests {
                 mcp_orchestrator::flowtest::spec::test_file_json_schema()
@@ -207,6 +236,44 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             writeln!(stdout)?;
             Ok(EXIT_OK)
         }
+    }
+}
+
+/// `graph`: the compiled project drawn on standard output; a project with
+/// errors gets its diagnostics instead (exit 1).
+fn graph(args: GraphArgs) -> anyhow::Result<u8> {
+    use mcp_orchestrator::graph::{GraphError, GraphFormat};
+    if !args.dir.is_dir() {
+        anyhow::bail!("`{}` is not a directory", args.dir.display());
+    }
+    let environment = std::env::vars().collect();
+    let checked = mcp_orchestrator::check::check_project(&args.dir, &environment);
+    let Some(project) = &checked.project else {
+        let color = std::io::stderr().is_terminal();
+        eprint!(
+            "{}",
+            diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
+        );
+        return Ok(EXIT_INVALID_PROJECT);
+    };
+    let format = match args.format {
+        GraphOutput::Mermaid => GraphFormat::Mermaid,
+        GraphOutput::Dot => GraphFormat::Dot,
+        GraphOutput::Svg => GraphFormat::Svg,
+    };
+    match mcp_orchestrator::graph::render(project, args.flow.as_deref(), format) {
+        Ok(text) => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(EXIT_OK)
+        }
+        Err(error @ GraphError::UnknownFlow { .. }) => {
+            eprintln!("error: {error}");
+            Ok(EXIT_USAGE)
+        }
+        Err(error) => anyhow::bail!("{error}"),
     }
 }
 
@@ -377,6 +444,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             "No caller key is declared: anyone who can reach POST /orchestrate can run turns as any user"
         );
     }
+    let console_keys = deployment.project.access.keys.iter().any(|key| key.console);
+    let console = match args.console.as_deref() {
+        Some("off") => false,
+        Some(_) => {
+            if environment == Environment::Production && !console_keys {
+                anyhow::bail!(
+                    "MCP_CONSOLE=on in production needs a caller key declared with `console: true`"
+                );
+            }
+            true
+        }
+        None => environment == Environment::Development || console_keys,
+    };
     for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
         if *mode == mcp_orchestrator::services::ServiceMode::Mock {
             tracing::warn!(
@@ -440,7 +520,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             breakers: Default::default(),
             channels: Default::default(),
             events: Default::default(),
+            console: console.then(Default::default),
         });
+        if state.console.is_some() {
+            tracing::info!(event_type = "startup", "The console is on at /console: every turn is recorded");
+        }
         let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
         let _watch = reloader.watch()?;
         #[cfg(unix)]

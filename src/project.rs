@@ -442,6 +442,8 @@ pub struct CallerKey {
     pub digest: SecretDigest,
     /// The `channel` values it may send; `None`: any.
     pub channels: Option<Vec<String>>,
+    /// It opens the console.
+    pub console: bool,
 }
 
 impl CallerKey {

@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 mod channels;
 mod connections;
+pub mod console;
 pub mod mcp;
 
 pub use connections::{ConnectionSettings, MAX_HEAD_BYTES};
@@ -179,6 +180,8 @@ pub struct AppState {
     /// What long-lived streams (MCP subscriptions) wait on: reloads and
     /// shutdown, and the places such streams may take.
     pub events: Events,
+    /// The console, when it is on: every turn is then recorded.
+    pub console: Option<console::Console>,
 }
 
 /// Most long-lived streams open at once (MCP `subscriptions/listen`): each
@@ -246,6 +249,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(mcp)
+        .merge(console::routes(&state))
         .route("/orchestrate", post(orchestrate))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -271,6 +275,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/openapi.json" => "/openapi.json",
         "/mcp" => "/mcp",
         _ if path.starts_with("/mcp/") => "/mcp",
+        _ if path == "/console" || path.starts_with("/console/") => "/console",
         _ if path.starts_with("/channels/") => "/channels",
         _ => "unmatched",
     }
@@ -731,7 +736,24 @@ pub(crate) async fn run_logged_turn(
         breakers: &state.breakers,
         deadline,
     };
-    let outcome = match engine::run_turn(&deps, request).await {
+    let result = match &state.console {
+        None => engine::run_turn(&deps, request).await,
+        Some(console) => {
+            let (result, recording) = engine::run_turn_recorded(&deps, request).await;
+            console
+                .traces
+                .record(crate::trace::build(crate::trace::Finished {
+                    project,
+                    generation: deployment.generation,
+                    request,
+                    result: &result,
+                    recording,
+                    started,
+                }));
+            result
+        }
+    };
+    let outcome = match result {
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::error!(

@@ -432,6 +432,10 @@ pub struct ApiKey {
     pub key: Text,
     /// The `channel` values this key may send. Default: any.
     pub channels: Option<Spanned<Vec<Name>>>,
+    /// This key opens the console (`/console`). In production the console
+    /// is served only when a key says so.
+    #[serde(default)]
+    pub console: bool,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

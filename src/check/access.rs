@@ -125,6 +125,7 @@ impl Checker<'_> {
                 name: key.name.value.clone(),
                 digest,
                 channels,
+                console: key.console,
             });
         }
         if let Some(metrics_key) = &access.value.metrics_key

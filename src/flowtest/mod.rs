@@ -6,6 +6,7 @@
 //! on its own paused Tokio clock, so a stubbed 5 s timeout takes no wall
 //! time. Cases run in parallel; results are reported in file order.
 
+pub mod recorded;
 pub mod report;
 pub mod spec;
 

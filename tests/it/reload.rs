@@ -146,6 +146,7 @@ async fn serve_dir(
         breakers: Default::default(),
         channels: Default::default(),
         events: Default::default(),
+        console: None,
     });
     let reloader = Reloader::new(source, state.clone());
     let watch = reloader.watch().unwrap();

@@ -9,6 +9,7 @@
 
 mod channels;
 mod concurrency;
+mod console;
 mod edge;
 mod hardened_http;
 mod llm_classifier;
@@ -95,6 +96,8 @@ pub struct HarnessOptions<'a> {
     pub classifier: Arc<dyn Classifier>,
     /// The service transport; `serve`'s direct one by default.
     pub transport: Option<HttpTransport>,
+    /// The console on (every turn recorded).
+    pub console: bool,
 }
 
 impl Default for HarnessOptions<'_> {
@@ -106,6 +109,7 @@ impl Default for HarnessOptions<'_> {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             classifier: Arc::new(RuleClassifier),
             transport: None,
+            console: false,
         }
     }
 }
@@ -154,6 +158,7 @@ impl Harness {
             breakers: Default::default(),
             channels: Default::default(),
             events: Default::default(),
+            console: options.console.then(Default::default),
         });
         Harness { state, sessions }
     }

@@ -361,6 +361,7 @@ pub fn replica(
         breakers: Default::default(),
         channels: Default::default(),
         events: Default::default(),
+        console: None,
     })
 }
 
