@@ -483,10 +483,18 @@ pub struct Recording {
     pub classified_us: u64,
     pub session_before: Option<serde_json::Value>,
     pub session_after: Option<serde_json::Value>,
-    /// In the order reached.
+    /// In the order reached; at most `MAX_RECORDED_STEPS`.
     pub steps: Vec<StepRecord>,
+    /// At most `MAX_RECORDED_CALLS`.
     pub calls: Vec<CallRecord>,
+    /// Steps or calls past the caps were left out (a long `foreach`).
+    pub truncated: bool,
 }
+
+/// Most steps one recording keeps.
+pub const MAX_RECORDED_STEPS: usize = 1000;
+/// Most service calls one recording keeps.
+pub const MAX_RECORDED_CALLS: usize = 200;
 
 /// One step reached.
 #[derive(Debug)]
@@ -537,6 +545,10 @@ impl<'a, 'd> Run<'a, 'd> {
     fn record_step(&mut self, step: &Step) -> Option<usize> {
         let started = self.started;
         let recording = self.recording.as_deref_mut()?;
+        if recording.steps.len() >= MAX_RECORDED_STEPS {
+            recording.truncated = true;
+            return None;
+        }
         recording.steps.push(StepRecord {
             index: step.index,
             kind: step_kind(step),
@@ -558,6 +570,14 @@ impl<'a, 'd> Run<'a, 'd> {
         }
     }
 
+    fn record_step_took(&mut self, slot: Option<usize>, micros: u64) {
+        if let (Some(slot), Some(recording)) = (slot, self.recording.as_deref_mut())
+            && let Some(record) = recording.steps.get_mut(slot)
+        {
+            record.duration_us = Some(micros);
+        }
+    }
+
     fn record_call(
         &mut self,
         step: u32,
@@ -566,6 +586,10 @@ impl<'a, 'd> Run<'a, 'd> {
         outcome: &services::CallOutcome,
     ) {
         if let Some(recording) = self.recording.as_deref_mut() {
+            if recording.calls.len() >= MAX_RECORDED_CALLS {
+                recording.truncated = true;
+                return;
+            }
             recording.calls.push(CallRecord {
                 step,
                 started_us,
@@ -780,13 +804,14 @@ impl<'a, 'd> Run<'a, 'd> {
 
     async fn parallel(&mut self, branches: &'a [Step]) -> Result<Control, TurnError> {
         let mut planned: Vec<(&'a Step, &'a Call, Option<serde_json::Value>)> = Vec::new();
+        let mut slots = Vec::new();
         for branch in branches {
             self.visited.push(branch.index);
             let slot = self.record_step(branch);
-            self.record_step_end(slot, false);
             if let Some(condition) = branch.condition
                 && !self.evaluate(branch, condition)?.is_true()
             {
+                self.record_step_end(slot, true);
                 continue;
             }
             if let Action::Call(call) = &branch.action {
@@ -795,6 +820,9 @@ impl<'a, 'd> Run<'a, 'd> {
                     None => None,
                 };
                 planned.push((branch, call, body));
+                slots.push(slot);
+            } else {
+                self.record_step_end(slot, false);
             }
         }
         let project = self.deps.project;
@@ -815,9 +843,11 @@ impl<'a, 'd> Run<'a, 'd> {
         let started_us = micros_since(self.started);
         let outcomes = join_all(calls).await;
         let mut first_failure = None;
-        for ((branch, call, body), outcome) in planned.iter().zip(outcomes) {
+        for (((branch, call, body), outcome), slot) in planned.iter().zip(outcomes).zip(slots) {
             log_outcome(project, &outcome.span, outcome.result.as_ref());
             self.record_call(branch.index, started_us, body.as_ref(), &outcome);
+            // Each branch took as long as its call.
+            self.record_step_took(slot, (outcome.span.latency_ms * 1000.0) as u64);
             self.spans.push(outcome.span);
             match outcome.result {
                 Ok(value) => {

@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::engine::{Recording, TurnError, TurnOutcome, TurnRequest};
 use crate::intent::Source;
 use crate::project::CompiledProject;
-use crate::telemetry::redact::redact;
+use crate::telemetry::redact::{REDACTED, is_sensitive, redact};
 
 /// Most turns kept.
 pub const MAX_TURNS: usize = 500;
@@ -28,6 +28,9 @@ pub const MAX_TURNS: usize = 500;
 pub const MAX_BYTES: usize = 16 << 20;
 /// Turns a subscriber may fall behind by before it is told it missed some.
 pub const SUBSCRIBER_BACKLOG: usize = 256;
+/// Largest trace kept whole; a larger one keeps its steps and calls
+/// without their payloads (`truncated`).
+pub const MAX_TRACE_BYTES: usize = 1 << 20;
 
 /// One line of the turn list.
 #[derive(Debug, Clone, Serialize)]
@@ -39,6 +42,9 @@ pub struct TurnSummary {
     pub channel: String,
     pub user_id: String,
     pub session_id: String,
+    /// The request's `tenant` field, when it had one.
+    pub tenant: Option<String>,
+    /// `[REDACTED]` when the project redacts `text`.
     pub text: String,
     pub intent: Option<String>,
     /// `rules`, `llm` or `tool`.
@@ -71,12 +77,16 @@ pub struct TurnTrace {
     pub summary: TurnSummary,
     /// The request's other fields.
     pub input: Json,
+    /// From the turn's start to the end of classification.
+    pub classification_ms: f64,
     pub classification: Option<ClassificationTrace>,
     pub steps: Vec<StepTrace>,
     pub calls: Vec<CallTrace>,
     pub session_before: Option<Json>,
     pub session_after: Option<Json>,
     pub reply: Option<ReplyTrace>,
+    /// Steps, calls or payloads were left out to keep the trace small.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +163,14 @@ pub fn build(finished: Finished<'_>) -> TurnTrace {
         started,
     } = finished;
     let redacted = |value: &Json| redact(value, &project.redact);
+    // Texts are logged under these names: the project may redact them.
+    let text_named = |name: &str, text: &str| {
+        if is_sensitive(name, &project.redact) {
+            REDACTED.to_owned()
+        } else {
+            text.to_owned()
+        }
+    };
     let classification = recording.classification.as_ref().map(|classification| {
         let intent = project.intent(classification.intent).name.clone();
         let evidence = match classification.source {
@@ -168,7 +186,11 @@ pub fn build(finished: Finished<'_>) -> TurnTrace {
             source: classification.source.as_str(),
             confidence: classification.confidence,
             evidence,
-            entities: classification.entities.clone(),
+            entities: classification
+                .entities
+                .iter()
+                .map(|(name, value)| (name.clone(), text_named(name, value)))
+                .collect(),
             fallback_reason: classification.fallback_reason.clone(),
         }
     });
@@ -216,7 +238,7 @@ pub fn build(finished: Finished<'_>) -> TurnTrace {
     let (reply, error) = match result {
         Ok(outcome) => (
             Some(ReplyTrace {
-                reply_text: outcome.reply_text.clone(),
+                reply_text: text_named("reply_text", &outcome.reply_text),
                 route: outcome.route.clone(),
                 decision: outcome.decision.as_str(),
                 data: outcome.data.as_ref().map(redacted),
@@ -238,7 +260,8 @@ pub fn build(finished: Finished<'_>) -> TurnTrace {
         channel: request.channel.clone(),
         user_id: request.user_id.clone(),
         session_id: request.session_id.clone(),
-        text: request.text.clone(),
+        tenant: request.tenant.clone(),
+        text: text_named("text", &request.text),
         intent: classification.as_ref().map(|c| c.intent.clone()),
         intent_source: classification.as_ref().map(|c| c.source),
         confidence: classification.as_ref().map(|c| c.confidence),
@@ -255,12 +278,32 @@ pub fn build(finished: Finished<'_>) -> TurnTrace {
     TurnTrace {
         summary,
         input,
+        classification_ms: millis(recording.classified_us),
         classification,
         steps,
         calls,
         session_before: recording.session_before.as_ref().map(redacted),
         session_after: recording.session_after.as_ref().map(redacted),
         reply,
+        truncated: recording.truncated,
+    }
+}
+
+impl TurnTrace {
+    /// Leaves out every payload (what a service was sent and answered, the
+    /// input, the session, the reply's data), keeping what ran and when.
+    fn without_payloads(&mut self) {
+        self.truncated = true;
+        self.input = Json::Null;
+        self.session_before = None;
+        self.session_after = None;
+        if let Some(reply) = &mut self.reply {
+            reply.data = None;
+        }
+        for call in &mut self.calls {
+            call.request = None;
+            call.response = None;
+        }
     }
 }
 
@@ -299,7 +342,12 @@ impl Traces {
     /// `MAX_BYTES`) and sends its summary to every subscriber.
     pub fn record(&self, mut trace: TurnTrace) {
         trace.summary.id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let text: Arc<str> = match serde_json::to_string(&trace) {
+        let mut text = serde_json::to_string(&trace);
+        if text.as_ref().is_ok_and(|text| text.len() > MAX_TRACE_BYTES) {
+            trace.without_payloads();
+            text = serde_json::to_string(&trace);
+        }
+        let text: Arc<str> = match text {
             Ok(text) => text.into(),
             Err(error) => {
                 tracing::warn!(error = %error, "A turn's trace could not be serialized");
@@ -319,7 +367,7 @@ impl Traces {
             });
             while ring.turns.len() > MAX_TURNS || (ring.bytes > MAX_BYTES && ring.turns.len() > 1) {
                 if let Some(oldest) = ring.turns.pop_front() {
-                    ring.bytes -= oldest.trace.len();
+                    ring.bytes = ring.bytes.saturating_sub(oldest.trace.len());
                 }
             }
         }

@@ -17,9 +17,9 @@ pub fn test_file(name: &str, session_id: &str, traces: &[Json]) -> String {
         json(&Json::String(session_id.to_owned()))
     ));
     out.push_str("# with what they answered, and every expectation is what the turn did.\n");
-    if traces.iter().any(contains_redacted) {
+    if traces.iter().any(is_altered) {
         out.push_str(&format!(
-            "# Values under sensitive names were recorded as \"{REDACTED}\": put test values there.\n"
+            "# Values under sensitive names were recorded as \"{REDACTED}\", and long texts\n# and lists shortened (as in logs): put test values there.\n"
         ));
     }
     out.push_str("\ncases:\n");
@@ -28,6 +28,15 @@ pub fn test_file(name: &str, session_id: &str, traces: &[Json]) -> String {
         json(&Json::String(name.to_owned()))
     ));
     for trace in traces {
+        // The runner stops a case at a turn that fails; so does the file.
+        if trace["error"].is_object() {
+            out.push_str(&format!(
+                "      # then {} failed ({}): the case ends here\n",
+                json(&trace["text"]),
+                json(&trace["error"]["code"])
+            ));
+            break;
+        }
         turn(&mut out, trace);
     }
     out
@@ -45,8 +54,10 @@ fn turn(out: &mut String, trace: &Json) {
     }
     let mut request = serde_json::Map::new();
     request.insert("text".to_owned(), Json::String(text.to_owned()));
-    for key in ["user_id", "channel", "session_id"] {
-        request.insert(key.to_owned(), trace[key].clone());
+    for key in ["user_id", "channel", "session_id", "tenant"] {
+        if !trace[key].is_null() {
+            request.insert(key.to_owned(), trace[key].clone());
+        }
     }
     if let Json::Object(input) = &trace["input"] {
         for (key, value) in input {
@@ -89,12 +100,6 @@ fn turn(out: &mut String, trace: &Json) {
         out.push_str(&stubs);
     }
     out.push_str("        expect:\n");
-    if trace["error"].is_object() {
-        out.push_str(&format!(
-            "          # the turn failed ({}): no reply to expect\n",
-            json(&trace["error"]["code"])
-        ));
-    }
     for key in ["intent", "flow", "route", "decision"] {
         if !trace[key].is_null() {
             out.push_str(&format!("          {key}: {}\n", json(&trace[key])));
@@ -105,9 +110,9 @@ fn turn(out: &mut String, trace: &Json) {
         for call in calls {
             let mut expected = serde_json::Map::new();
             expected.insert("service".to_owned(), call["service"].clone());
-            // A redacted body cannot be expected as it was sent; the
-            // trace id differs in every run.
-            if !call["request"].is_null() && !contains_redacted(&call["request"]) {
+            // A redacted or shortened body cannot be expected as it was
+            // sent; the trace id differs in every run.
+            if !call["request"].is_null() && !is_altered(&call["request"]) {
                 let mut body = call["request"].clone();
                 without_value(&mut body, &trace["trace_id"]);
                 expected.insert("body".to_owned(), body);
@@ -166,18 +171,66 @@ fn field_str<'a>(value: &'a Json, key: &str) -> &'a str {
     value[key].as_str().unwrap_or_default()
 }
 
-fn contains_redacted(value: &Json) -> bool {
+/// Whether redaction changed `value` (as `telemetry::redact` marks it): a
+/// value replaced, a long text or list shortened, a deep value dropped.
+fn is_altered(value: &Json) -> bool {
     match value {
-        Json::String(text) => text == REDACTED,
-        Json::Array(items) => items.iter().any(contains_redacted),
-        Json::Object(map) => map.values().any(contains_redacted),
+        Json::String(text) => text == REDACTED || text == "[TOO DEEP]" || is_shortened_text(text),
+        Json::Array(items) => {
+            items
+                .last()
+                .and_then(Json::as_str)
+                .is_some_and(is_more_marker)
+                || items.iter().any(is_altered)
+        }
+        Json::Object(map) => map.values().any(is_altered),
         _ => false,
     }
 }
 
-/// JSON text, which YAML reads as the same value.
+/// `…[N bytes]` at the end of a shortened text.
+fn is_shortened_text(text: &str) -> bool {
+    text.strip_suffix(" bytes]")
+        .and_then(|rest| rest.rsplit_once("…["))
+        .is_some_and(|(_, digits)| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `[N more]`, the last element of a shortened list.
+fn is_more_marker(text: &str) -> bool {
+    text.strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(" more]"))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// JSON text, which YAML reads as the same value: every `$` in a string
+/// doubled (test files expand `${VAR}` and `$VAR` in values, and read `$$`
+/// as `$`), and the characters YAML refuses in quoted text escaped.
 fn json(value: &Json) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+    let text = serde_json::to_string(&escape_dollars(value)).unwrap_or_else(|_| "null".to_owned());
+    let mut out = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '\u{7f}'..='\u{9f}' | '\u{fffe}' | '\u{ffff}') {
+            out.push_str(&format!("\\u{:04x}", u32::from(character)));
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
+/// `value` with `$` doubled in its strings (not in its keys, which are not
+/// expanded).
+fn escape_dollars(value: &Json) -> Json {
+    match value {
+        Json::String(text) if text.contains('$') => Json::String(text.replace('$', "$$")),
+        Json::Array(items) => Json::Array(items.iter().map(escape_dollars).collect()),
+        Json::Object(map) => Json::Object(
+            map.iter()
+                .map(|(key, value)| (key.clone(), escape_dollars(value)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -208,5 +261,27 @@ mod tests {
         assert!(text.contains("- {\"service\":\"profile\"}\n"), "{text}");
         assert!(text.contains("reply: \"Hello\\n\\\"you\\\"\""), "{text}");
         assert!(text.contains("put test values there"), "{text}");
+    }
+
+    #[test]
+    fn shortened_values_are_recognised() {
+        assert!(is_altered(&Json::String(format!(
+            "{}…[2000 bytes]",
+            "a".repeat(10)
+        ))));
+        assert!(is_altered(&serde_json::json!([1, 2, "[12 more]"])));
+        assert!(!is_altered(&serde_json::json!([
+            "[more]",
+            "price …[x bytes]"
+        ])));
+    }
+
+    #[test]
+    fn dollars_and_unprintable_characters_survive_yaml() {
+        let value = serde_json::json!({"$schema": "costs $5 or ${HOME}", "c": "a\u{85}b\u{7f}"});
+        assert_eq!(
+            json(&value),
+            r#"{"$schema":"costs $$5 or $${HOME}","c":"a\u0085b\u007f"}"#
+        );
     }
 }

@@ -91,11 +91,11 @@ pub async fn serve(
         // Reap finished connections so the set holds only live ones.
         while connections.try_join_next().is_some() {}
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let router = router.clone();
                 let stop = stop.clone();
                 connections.spawn(async move {
-                    serve_connection(stream, router, settings, stop).await;
+                    serve_connection(stream, peer, router, settings, stop).await;
                     drop(slot);
                 });
             }
@@ -142,6 +142,7 @@ fn is_resource_exhausted(error: &io::Error) -> bool {
 /// module watching it.
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     router: Router,
     settings: ConnectionSettings,
     mut stop: watch::Receiver<bool>,
@@ -163,6 +164,7 @@ async fn serve_connection(
     let service = ConnectionService {
         router,
         watch: watch.clone(),
+        peer,
     };
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
@@ -405,6 +407,10 @@ impl AsyncWrite for WatchedIo {
 struct ConnectionService {
     router: Router,
     watch: Arc<ConnectionWatch>,
+    /// The client's address, handed to the console (`ConnectInfo`), which
+    /// opens to anonymous callers on loopback only; other routes do not
+    /// pay for the extension.
+    peer: std::net::SocketAddr,
 }
 
 /// Ends the request for the watch when the response is ready or the request
@@ -430,8 +436,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             return Box::pin(std::future::ready(Ok(conflicting_lengths())));
         }
         let mut router = self.router.clone();
+        let mut request = request.map(Body::new);
+        if request.uri().path().starts_with(super::console::PREFIX) {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(self.peer));
+        }
         Box::pin(async move {
-            let response = tower_service::Service::call(&mut router, request.map(Body::new)).await;
+            let response = tower_service::Service::call(&mut router, request).await;
             drop(guard);
             response
         })

@@ -32,6 +32,9 @@ use crate::admission::{self, Caller};
 use crate::graph::{self, GraphError, GraphFormat};
 use crate::trace::TurnSummary;
 
+/// Every console route starts with it.
+pub const PREFIX: &str = "/console";
+
 const INDEX_HTML: &str = include_str!("../../console/index.html");
 const CONSOLE_JS: &str = include_str!("../../console/console.js");
 const CONSOLE_CSS: &str = include_str!("../../console/console.css");
@@ -46,11 +49,82 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Longest test name accepted.
 const MAX_TEST_NAME: usize = 120;
 
+/// Most `flows/tests/console-*.yaml` files the console writes.
+const MAX_SAVED_TESTS: usize = 200;
+
+/// Most console event streams open at once (beside MCP's).
+const MAX_CONSOLE_STREAMS: usize = 64;
+
 /// What the console keeps: the last turns' traces, and drawn graphs.
-#[derive(Default)]
 pub struct Console {
     pub traces: crate::trace::Traces,
     graphs: Mutex<Graphs>,
+    /// One graph is drawn at a time: layout is CPU work.
+    drawing: tokio::sync::Semaphore,
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Console {
+    fn default() -> Console {
+        Console {
+            traces: Default::default(),
+            graphs: Default::default(),
+            drawing: tokio::sync::Semaphore::new(1),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_CONSOLE_STREAMS)),
+        }
+    }
+}
+
+impl Console {
+    fn graphs(&self) -> std::sync::MutexGuard<'_, Graphs> {
+        match self.graphs.lock() {
+            Ok(graphs) => graphs,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The graph of `flow` drawn for `generation`, if any.
+    fn drawn(&self, generation: u64, flow: &Option<String>) -> Option<Arc<str>> {
+        let graphs = self.graphs();
+        (graphs.generation == generation)
+            .then(|| graphs.drawn.get(flow).cloned())
+            .flatten()
+    }
+
+    /// Keeps a graph drawn for `generation`, unless a newer generation's
+    /// are kept already.
+    fn keep_drawn(&self, generation: u64, flow: Option<String>, svg: Arc<str>) {
+        let mut graphs = self.graphs();
+        if generation > graphs.generation {
+            *graphs = Graphs {
+                generation,
+                drawn: HashMap::new(),
+            };
+        }
+        if generation == graphs.generation {
+            graphs.drawn.insert(flow, svg);
+        }
+    }
+}
+
+/// The client's address, when the server knows it (`ConnectInfo`, set by
+/// `connections` for console routes).
+struct Peer(Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Peer, Infallible> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0),
+        ))
+    }
 }
 
 /// Graphs of one generation, by flow (`None`: the whole project). At most
@@ -115,7 +189,7 @@ fn not_found(detail: impl Into<String>) -> ApiError {
 }
 
 /// Whether this request may use the console's API.
-fn admit(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+fn admit(state: &AppState, headers: &HeaderMap, peer: &Peer) -> Result<(), ApiError> {
     let deployment = state.deployment.load();
     let access = &deployment.project.access;
     let console_keys = access.keys.iter().any(|key| key.console);
@@ -139,13 +213,20 @@ fn admit(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
                     .get(header::HOST)
                     .and_then(|host| host.to_str().ok())
                     .map(host_name)
-                    .is_some_and(|host| hosts.iter().any(|allowed| allowed == host)),
+                    .is_some_and(|host| {
+                        hosts
+                            .iter()
+                            .any(|allowed| allowed.eq_ignore_ascii_case(host))
+                    }),
             };
-            if state.settings.environment == Environment::Development && host_allowed {
+            // Nobody else on the network: a request from this machine,
+            // for an allowed name (not a rebound DNS name).
+            let local = peer.0.is_some_and(|peer| peer.ip().is_loopback());
+            if state.settings.environment == Environment::Development && host_allowed && local {
                 Ok(())
             } else {
                 Err(ApiError::forbidden(
-                    "without caller keys the console answers only in development, on an allowed host (MCP_ALLOWED_HOSTS)",
+                    "without caller keys the console answers only in development, from this machine, on an allowed host (MCP_ALLOWED_HOSTS)",
                 ))
             }
         }
@@ -157,7 +238,8 @@ fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// `body` as `content_type`, never cached.
@@ -204,15 +286,15 @@ fn status_json(state: &AppState) -> Json {
     })
 }
 
-async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match admit(&state, &headers) {
+async fn status(State(state): State<Arc<AppState>>, peer: Peer, headers: HeaderMap) -> Response {
+    match admit(&state, &headers, &peer) {
         Ok(()) => json_response(status_json(&state)),
         Err(error) => error.into_response(),
     }
 }
 
-async fn turns(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(error) = admit(&state, &headers) {
+async fn turns(State(state): State<Arc<AppState>>, peer: Peer, headers: HeaderMap) -> Response {
+    if let Err(error) = admit(&state, &headers, &peer) {
         return error.into_response();
     }
     let summaries = state
@@ -226,10 +308,11 @@ async fn turns(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
 
 async fn turn(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(error) = admit(&state, &headers) {
+    if let Err(error) = admit(&state, &headers, &peer) {
         return error.into_response();
     }
     let trace = id
@@ -249,6 +332,8 @@ async fn turn(
 /// What the event stream waits on.
 struct Feed {
     state: Arc<AppState>,
+    credentials: HeaderMap,
+    peer: Peer,
     turns: broadcast::Receiver<Arc<TurnSummary>>,
     reloads: tokio::sync::watch::Receiver<u64>,
     closed: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -258,28 +343,38 @@ struct Feed {
 /// `GET /console/api/events`: every new turn (`turn`), every reload
 /// attempt (`status`), and `lagged` when the reader fell behind. Ends when
 /// the server shuts down.
-async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(error) = admit(&state, &headers) {
+async fn events(State(state): State<Arc<AppState>>, peer: Peer, headers: HeaderMap) -> Response {
+    if let Err(error) = admit(&state, &headers, &peer) {
         return error.into_response();
     }
     let Some(console) = state.console.as_ref() else {
         return not_found("the console is off").into_response();
     };
-    let Some(place) = state.events.stream_permit() else {
+    let Ok(place) = console.streams.clone().try_acquire_owned() else {
         return ApiError {
             retry_after: Some(super::OVERLOADED_RETRY_AFTER_SECONDS),
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
-                format!(
-                    "{} long-lived streams are open; retry shortly",
-                    super::MAX_STREAMS
-                ),
+                format!("{MAX_CONSOLE_STREAMS} console event streams are open; retry shortly"),
             )
         }
         .into_response();
     };
+    // What `admit` reads, kept to ask it again before every event: a key
+    // removed by a reload ends the stream.
+    let mut credentials = HeaderMap::new();
+    for name in [header::AUTHORIZATION, header::HOST] {
+        if let Some(value) = headers.get(&name) {
+            credentials.insert(name, value.clone());
+        }
+    }
+    if let Some(value) = headers.get("x-api-key") {
+        credentials.insert("x-api-key", value.clone());
+    }
     let feed = Feed {
+        credentials,
+        peer,
         turns: console.traces.subscribe(),
         reloads: state.events.reloads(),
         closed: Box::pin(state.events.closed()),
@@ -311,6 +406,9 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, Infallible>, Feed)>
             Err(_) => return None,
         },
     };
+    if admit(&feed.state, &feed.credentials, &feed.peer).is_err() {
+        return None;
+    }
     Some((Ok(event), feed))
 }
 
@@ -330,10 +428,11 @@ struct GraphQuery {
 /// SVG, drawn once per generation.
 async fn graph_svg(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     Query(query): Query<GraphQuery>,
 ) -> Response {
-    if let Err(error) = admit(&state, &headers) {
+    if let Err(error) = admit(&state, &headers, &peer) {
         return error.into_response();
     }
     let Some(console) = state.console.as_ref() else {
@@ -341,74 +440,67 @@ async fn graph_svg(
     };
     let deployment = state.deployment.load_full();
     let flow = query.flow.filter(|flow| !flow.is_empty());
-    let cached = {
-        let graphs = match console.graphs.lock() {
-            Ok(graphs) => graphs,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        (graphs.generation == deployment.generation)
-            .then(|| graphs.drawn.get(&flow).cloned())
-            .flatten()
-    };
-    let svg = match cached {
-        Some(svg) => svg,
-        None => {
-            // Layout is CPU work: off the request threads.
-            let drawn = {
-                let deployment = deployment.clone();
-                let flow = flow.clone();
-                tokio::task::spawn_blocking(move || {
-                    graph::render(&deployment.project, flow.as_deref(), GraphFormat::Svg)
-                })
-                .await
-            };
-            let svg: Arc<str> = match drawn {
-                Ok(Ok(svg)) => svg.into(),
-                Ok(Err(GraphError::UnknownFlow { name, suggestion })) => {
-                    let hint = suggestion
-                        .map(|suggestion| format!("; did you mean `{suggestion}`?"))
-                        .unwrap_or_default();
-                    return not_found(format!("no flow `{name}`{hint}")).into_response();
-                }
-                Ok(Err(error)) => {
-                    return ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "graph_error",
-                        format!("the graph could not be drawn: {error}"),
-                    )
-                    .into_response();
-                }
-                Err(error) => {
-                    return ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "graph_error",
-                        format!("the graph could not be drawn: {error}"),
-                    )
-                    .into_response();
-                }
-            };
-            let mut graphs = match console.graphs.lock() {
-                Ok(graphs) => graphs,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if graphs.generation != deployment.generation {
-                *graphs = Graphs {
-                    generation: deployment.generation,
-                    drawn: HashMap::new(),
-                };
-            }
-            graphs.drawn.insert(flow, svg.clone());
-            svg
+    if let Some(svg) = console.drawn(deployment.generation, &flow) {
+        return fresh(svg.to_string(), "image/svg+xml");
+    }
+    // One drawing at a time, waited for within the request timeout; the
+    // one before may have drawn this very graph.
+    let Ok(Ok(_drawing)) =
+        tokio::time::timeout(state.settings.request_timeout, console.drawing.acquire()).await
+    else {
+        return ApiError {
+            retry_after: Some(super::OVERLOADED_RETRY_AFTER_SECONDS),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "another graph is being drawn; retry shortly",
+            )
         }
+        .into_response();
     };
+    if let Some(svg) = console.drawn(deployment.generation, &flow) {
+        return fresh(svg.to_string(), "image/svg+xml");
+    }
+    // Layout is CPU work: off the request threads.
+    let drawn = {
+        let deployment = deployment.clone();
+        let flow = flow.clone();
+        tokio::task::spawn_blocking(move || {
+            graph::render(&deployment.project, flow.as_deref(), GraphFormat::Svg)
+        })
+        .await
+    };
+    let svg: Arc<str> = match drawn {
+        Ok(Ok(svg)) => svg.into(),
+        Ok(Err(GraphError::UnknownFlow { name, suggestion })) => {
+            let hint = suggestion
+                .map(|suggestion| format!("; did you mean `{suggestion}`?"))
+                .unwrap_or_default();
+            return not_found(format!("no flow `{name}`{hint}")).into_response();
+        }
+        Ok(Err(error)) => return graph_failed(&error),
+        Err(error) => return graph_failed(&error),
+    };
+    console.keep_drawn(deployment.generation, flow, svg.clone());
     fresh(svg.to_string(), "image/svg+xml")
+}
+
+/// A drawing fault: logged, and answered without its details.
+fn graph_failed(error: &dyn std::fmt::Display) -> Response {
+    tracing::error!(event_type = "console", error = %error, "A graph could not be drawn");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "graph_error",
+        "the graph could not be drawn; the logs say why",
+    )
+    .into_response()
 }
 
 /// `POST /console/api/tests` `{session_id, name}`: the session's kept turns
 /// as a conversation test. In development it is also written to
 /// `flows/tests/console-<name>.yaml` (never over an existing file).
-async fn save_test(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    if let Err(error) = admit(&state, request.headers()) {
+async fn save_test(State(state): State<Arc<AppState>>, peer: Peer, request: Request) -> Response {
+    if let Err(error) = admit(&state, request.headers(), &peer) {
         return error.into_response();
     }
     let body = match tokio::time::timeout(
@@ -421,7 +513,7 @@ async fn save_test(State(state): State<Arc<AppState>>, request: Request) -> Resp
         Ok(Err(error)) => return error.into_response(),
         Err(_) => return ApiError::request_timeout().into_response(),
     };
-    let text_field = |name: &str| body.get(name).and_then(Json::as_str).map(str::trim);
+    let text_field = |name: &str| body.get(name).and_then(Json::as_str);
     let Some(session_id) = text_field("session_id").filter(|id| !id.is_empty()) else {
         return ApiError::invalid(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -469,9 +561,21 @@ async fn save_test(State(state): State<Arc<AppState>>, request: Request) -> Resp
             Ok(Ok(path)) => Some(path),
             Ok(Err(error)) => {
                 tracing::warn!(event_type = "console", error = %error, "A recorded test could not be written");
-                None
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "test_not_written",
+                    format!("the test could not be written to flows/tests/: {error}"),
+                )
+                .into_response();
             }
-            Err(_) => None,
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "test_not_written",
+                    "the test could not be written to flows/tests/",
+                )
+                .into_response();
+            }
         }
     } else {
         None
@@ -509,6 +613,15 @@ fn write_new_test(
 ) -> std::io::Result<String> {
     let dir = project_dir.join("flows").join("tests");
     std::fs::create_dir_all(&dir)?;
+    let saved = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("console-"))
+        .count();
+    if saved >= MAX_SAVED_TESTS {
+        return Err(std::io::Error::other(format!(
+            "it holds {saved} console-*.yaml files already; remove some"
+        )));
+    }
     for attempt in 1..100 {
         let file = if attempt == 1 {
             format!("console-{slug}.yaml")

@@ -2,7 +2,10 @@
 //! the live event stream, the graph, saving a conversation as a test, and
 //! who may open it.
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use axum::extract::ConnectInfo;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -21,11 +24,31 @@ fn console_harness() -> Harness {
     })
 }
 
+/// A request from this machine, as the server marks console requests.
+fn local(mut request: Request<Body>) -> Request<Body> {
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+    request
+}
+
 fn get(path: &str) -> Request<Body> {
-    Request::get(path)
-        .header("host", "localhost")
-        .body(Body::empty())
-        .unwrap()
+    local(
+        Request::get(path)
+            .header("host", "localhost")
+            .body(Body::empty())
+            .unwrap(),
+    )
+}
+
+fn post_json(path: &str, body: Json) -> Request<Body> {
+    local(
+        Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
 }
 
 fn get_with_key(path: &str, key: &str) -> Request<Body> {
@@ -300,22 +323,17 @@ async fn a_conversation_saved_as_a_test_passes_as_is() {
         "What's on the menu?",
         "track my order ORD-10421",
         "what do you recommend?",
+        "anything under $10 or ${HOME}?",
     ] {
         let mut body = session.clone();
         body["text"] = json!(text);
         harness.turn(body).await;
     }
     let saved = harness
-        .send(
-            Request::post("/console/api/tests")
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .body(Body::from(
-                    json!({"session_id": "saver:web", "name": "Menu, tracking & advice"})
-                        .to_string(),
-                ))
-                .unwrap(),
-        )
+        .send(post_json(
+            "/console/api/tests",
+            json!({"session_id": "saver:web", "name": "Menu, tracking & advice"}),
+        ))
         .await;
     assert_eq!(saved.status, StatusCode::OK, "{:#}", saved.body);
     assert_eq!(
@@ -323,7 +341,7 @@ async fn a_conversation_saved_as_a_test_passes_as_is() {
         "flows/tests/console-menu-tracking-advice.yaml"
     );
     let yaml = saved.body["yaml"].as_str().unwrap();
-    assert_eq!(yaml.matches("- request:").count(), 3, "{yaml}");
+    assert_eq!(yaml.matches("- request:").count(), 4, "{yaml}");
     let written = std::fs::read_to_string(
         project
             .path()
@@ -343,13 +361,10 @@ async fn a_conversation_saved_as_a_test_passes_as_is() {
     assert!(output.contains("Menu, tracking & advice"), "{output}");
 
     let unknown = harness
-        .send(
-            Request::post("/console/api/tests")
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .body(Body::from(json!({"session_id": "nobody:web"}).to_string()))
-                .unwrap(),
-        )
+        .send(post_json(
+            "/console/api/tests",
+            json!({"session_id": "nobody:web"}),
+        ))
         .await;
     assert_eq!(unknown.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(unknown.body["code"], "invalid_request");
@@ -428,21 +443,34 @@ async fn only_console_keys_open_it_when_one_is_declared() {
 async fn without_keys_only_an_allowed_host_opens_it() {
     let harness = console_harness();
     let rebound = harness
-        .send(
+        .send(local(
             Request::get("/console/api/turns")
                 .header("host", "attacker.example")
                 .body(Body::empty())
                 .unwrap(),
-        )
+        ))
         .await;
     assert_eq!(rebound.status, StatusCode::FORBIDDEN);
-    let local = harness
-        .send(
+    let mut remote = Request::get("/console/api/turns")
+        .header("host", "localhost")
+        .body(Body::empty())
+        .unwrap();
+    remote
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 7], 40_000))));
+    let remote = harness.send(remote).await;
+    assert_eq!(
+        remote.status,
+        StatusCode::FORBIDDEN,
+        "a machine on the network"
+    );
+    let allowed = harness
+        .send(local(
             Request::get("/console/api/turns")
-                .header("host", "127.0.0.1:8080")
+                .header("host", "LOCALHOST.:8080")
                 .body(Body::empty())
                 .unwrap(),
-        )
+        ))
         .await;
-    assert_eq!(local.status, StatusCode::OK);
+    assert_eq!(allowed.status, StatusCode::OK);
 }
