@@ -153,6 +153,10 @@
 
   // fetch with the stored key; on 401 (and 403 unless keyOn403 is false
   // while a key is stored) asks for a key and tries again.
+  // Where the server is mounted: '' for /console, '/t/<tenant>' for a
+  // tenant's console (/t/<tenant>/console); every path below is under it.
+  const BASE = location.pathname.replace(/\/console\/?$/, '');
+
   async function request(path, opts = {}) {
     const { method = 'GET', body, accept = 'application/json', signal, keyOn403 = true } = opts;
     for (;;) {
@@ -160,7 +164,7 @@
       if (body !== undefined) headers['Content-Type'] = 'application/json';
       const key = storedKey();
       if (key) headers.Authorization = `Bearer ${key}`;
-      const res = await fetch(path, {
+      const res = await fetch(BASE + path, {
         method, headers, signal, cache: 'no-store',
         body: body === undefined ? undefined : JSON.stringify(body),
       });

@@ -180,6 +180,7 @@ impl<'a> Checker<'a> {
         let access = self.single(files, "access", |file| file.access.as_ref());
         let limits = self.single(files, "limits", |file| file.limits.as_ref());
         let channels = self.collect(files, "channel", |file| &file.channels);
+        let hosts = self.single(files, "hosts", |file| file.hosts.as_ref());
         for file in files {
             for name in &file.spec.redact {
                 self.redact.insert(name.value.clone());
@@ -233,6 +234,7 @@ impl<'a> Checker<'a> {
         let access = self.compile_access(access);
         let limits = self.compile_limits(limits);
         let channels = self.compile_channels(&channels, &service_ids);
+        let hosts = self.compile_hosts(hosts);
         let request_schema = self.request_schema();
         let content_hash = load::content_hash(&self.hashed_files);
         let source_files = self.hashed_files.keys().cloned().collect();
@@ -272,6 +274,7 @@ impl<'a> Checker<'a> {
             access: access?,
             limits: limits?,
             channels: channels?,
+            hosts,
         })
     }
 }

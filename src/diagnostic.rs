@@ -218,6 +218,16 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// The same diagnostic with its files under `prefix` (a tenant's
+    /// folder in a deployment of several).
+    pub fn under(mut self, prefix: &Path) -> Diagnostic {
+        self.location.file = prefix.join(&self.location.file);
+        for related in &mut self.related {
+            related.location.file = prefix.join(&related.location.file);
+        }
+        self
+    }
+
     pub fn error(code: Code, location: Location, message: impl Into<String>) -> Diagnostic {
         Diagnostic {
             code,
@@ -289,6 +299,18 @@ pub struct Sources {
 impl Sources {
     pub fn insert(&mut self, file: PathBuf, text: String) {
         self.files.insert(file, text);
+    }
+
+    /// The same files under `prefix` (a tenant's folder in a deployment
+    /// of several).
+    pub fn under(self, prefix: &Path) -> Sources {
+        Sources {
+            files: self
+                .files
+                .into_iter()
+                .map(|(file, text)| (prefix.join(file), text))
+                .collect(),
+        }
     }
 
     /// Adds every file of `other`.

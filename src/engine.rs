@@ -570,6 +570,16 @@ impl<'a, 'd> Run<'a, 'd> {
         }
     }
 
+    /// Microseconds since the turn began, when the turn is recorded (0
+    /// otherwise: an unrecorded turn reads no clock for it).
+    fn micros_if_recording(&self) -> u64 {
+        if self.recording.is_some() {
+            micros_since(self.started)
+        } else {
+            0
+        }
+    }
+
     fn record_step_took(&mut self, slot: Option<usize>, micros: u64) {
         if let (Some(slot), Some(recording)) = (slot, self.recording.as_deref_mut())
             && let Some(record) = recording.steps.get_mut(slot)
@@ -785,7 +795,7 @@ impl<'a, 'd> Run<'a, 'd> {
         let service = project.service(call.service);
         let mode = &self.deps.modes[call.service.0 as usize];
         log_call(project, service, body);
-        let started_us = micros_since(self.started);
+        let started_us = self.micros_if_recording();
         let outcome = services::call(
             self.deps.transport,
             self.deps.breakers,
@@ -840,7 +850,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 self.deps.deadline,
             )
         });
-        let started_us = micros_since(self.started);
+        let started_us = self.micros_if_recording();
         let outcomes = join_all(calls).await;
         let mut first_failure = None;
         for (((branch, call, body), outcome), slot) in planned.iter().zip(outcomes).zip(slots) {

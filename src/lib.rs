@@ -22,4 +22,5 @@ pub mod session;
 pub mod spec;
 pub mod telemetry;
 pub mod template;
+pub mod tenants;
 pub mod trace;

@@ -1,7 +1,7 @@
 //! The `mcp-orchestrator` command line: thin glue over the library.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,9 +73,13 @@ struct SchemaArgs {
 
 #[derive(Debug, clap::Args)]
 struct TestArgs {
-    /// Project directory (holds `flows/` and `schemas/`).
+    /// Project directory (holds `flows/` and `schemas/`), or a deployment
+    /// of several tenants (`tenants/<name>/flows/…`).
     #[arg(env = "MCP_PROJECT_DIR", default_value = ".")]
     dir: PathBuf,
+    /// In a deployment of several tenants, only this one.
+    #[arg(long)]
+    tenant: Option<String>,
     /// Run only the cases whose name contains this text (no golden set).
     #[arg(long, conflicts_with = "golden_only")]
     filter: Option<String>,
@@ -114,6 +118,9 @@ struct CheckArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     deny_warnings: bool,
+    /// In a deployment of several tenants, only this one.
+    #[arg(long)]
+    tenant: Option<String>,
     /// Also ask the server of every `kind: mcp` service for its tools: a
     /// tool it does not serve, or a call's arguments its schema refuses,
     /// is an error.
@@ -239,6 +246,42 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
+/// The projects `check` and `test` work on: `dir` itself, or each tenant
+/// of a deployment of several (only `tenant`, when given).
+fn projects(dir: &Path, tenant: Option<&str>) -> anyhow::Result<Vec<(Option<String>, PathBuf)>> {
+    use mcp_orchestrator::tenants;
+    if !tenants::is_multi_tenant(dir) {
+        if let Some(name) = tenant {
+            anyhow::bail!(
+                "--tenant {name}: `{}` is one project, without `tenants/`",
+                dir.display()
+            );
+        }
+        return Ok(vec![(None, dir.to_path_buf())]);
+    }
+    let tenants::TenantFolders {
+        tenants: found,
+        invalid,
+    } = tenants::tenant_dirs(dir)?;
+    for name in invalid {
+        eprintln!(
+            "warning: `tenants/{name}` is skipped: a tenant's name is lower-case letters, digits, `-` and `_`"
+        );
+    }
+    let found: Vec<(Option<String>, PathBuf)> = found
+        .into_iter()
+        .filter(|(name, _)| tenant.is_none_or(|wanted| wanted == name))
+        .map(|(name, path)| (Some(name), path))
+        .collect();
+    if found.is_empty() {
+        match tenant {
+            Some(name) => anyhow::bail!("there is no tenant `{name}` in `{}`", dir.display()),
+            None => anyhow::bail!("`{}/tenants` holds no tenant", dir.display()),
+        }
+    }
+    Ok(found)
+}
+
 /// `graph`: the compiled project drawn on standard output; a project with
 /// errors gets its diagnostics instead (exit 1).
 fn graph(args: GraphArgs) -> anyhow::Result<u8> {
@@ -282,24 +325,41 @@ fn check(args: CheckArgs) -> anyhow::Result<u8> {
         anyhow::bail!("`{}` is not a directory", args.dir.display());
     }
     let environment = std::env::vars().collect();
-    let mut checked = mcp_orchestrator::flowtest::check_with_tests(&args.dir, &environment);
-    if args.online {
-        match &checked.project {
-            Some(project) => {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let online = runtime.block_on(mcp_orchestrator::check::online::check_mcp_servers(
-                    &args.dir,
-                    &environment,
-                    project,
-                ));
-                checked.diagnostics.extend(online);
-                diagnostic::sort(&mut checked.diagnostics);
+    let mut checked = mcp_orchestrator::check::Checked {
+        project: None,
+        diagnostics: Vec::new(),
+        sources: Default::default(),
+    };
+    for (tenant, dir) in projects(&args.dir, args.tenant.as_deref())? {
+        let mut one = mcp_orchestrator::flowtest::check_with_tests(&dir, &environment);
+        if args.online {
+            match &one.project {
+                Some(project) => {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    let online =
+                        runtime.block_on(mcp_orchestrator::check::online::check_mcp_servers(
+                            &dir,
+                            &environment,
+                            project,
+                        ));
+                    one.diagnostics.extend(online);
+                }
+                None => eprintln!("--online: not checked, the project has errors"),
             }
-            None => eprintln!("--online: not checked, the project has errors"),
         }
+        // Paths relative to the deployment: `tenants/<name>/flows/…`.
+        let prefix = match &tenant {
+            Some(name) => Path::new(mcp_orchestrator::tenants::TENANTS_DIR).join(name),
+            None => PathBuf::new(),
+        };
+        checked
+            .diagnostics
+            .extend(one.diagnostics.into_iter().map(|d| d.under(&prefix)));
+        checked.sources.merge(one.sources.under(&prefix));
     }
+    diagnostic::sort(&mut checked.diagnostics);
     if args.deny_warnings {
         for diagnostic in &mut checked.diagnostics {
             diagnostic.severity = Severity::Error;
@@ -394,38 +454,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         anyhow::bail!("`{}` is not a directory", args.project_dir.display());
     }
 
-    // Start-up is a reload from nothing: the same path as every reload,
-    // and the same checks as `check`.
-    let source = mcp_orchestrator::reload::Source {
-        dir: args.project_dir.clone(),
-        variables: std::env::vars().collect(),
-        environment,
-        force_mock: args.mock,
-    };
-    let color = std::io::stderr().is_terminal();
-    let deployment = match mcp_orchestrator::reload::prepare(&source, 1) {
-        Ok(prepared) => {
-            if !prepared.warnings.is_empty() {
-                eprint!(
-                    "{}",
-                    diagnostic::render_human(&prepared.warnings, &prepared.sources, color)
-                );
-            }
-            prometheus::record_generation(prepared.deployment.generation);
-            prepared.deployment
-        }
-        Err(error) => {
-            eprint!(
-                "{}",
-                diagnostic::render_human(&error.diagnostics, &error.sources, color)
-            );
-            eprintln!(
-                "error: the project in `{}` cannot be served; not starting",
-                args.project_dir.display()
-            );
-            return Ok(EXIT_INVALID_PROJECT);
-        }
-    };
     // Behind an HTTP proxy, service calls go through it like the LLM's and
     // Loki's (reqwest reads the proxy variables); otherwise they connect
     // directly, on the faster path.
@@ -437,36 +465,81 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             "An HTTP proxy is configured: service calls, the LLM and Loki go through it"
         );
     }
-    if environment == Environment::Production && deployment.project.access.keys.is_empty() {
-        tracing::warn!(
-            event_type = "startup",
-            auth = "none",
-            "No caller key is declared: anyone who can reach POST /orchestrate can run turns as any user"
-        );
-    }
-    let console_keys = deployment.project.access.keys.iter().any(|key| key.console);
-    let console = match args.console.as_deref() {
-        Some("off") => false,
-        Some(_) => {
-            if environment == Environment::Production && !console_keys {
-                anyhow::bail!(
-                    "MCP_CONSOLE=on in production needs a caller key declared with `console: true`"
-                );
+    // A deployment of several tenants (`tenants/<name>/flows/…`) loads
+    // them once the runtime runs; one project loads here.
+    let multi_tenant = mcp_orchestrator::tenants::is_multi_tenant(&args.project_dir);
+    let mut single = None;
+    if !multi_tenant {
+        // Start-up is a reload from nothing: the same path as every reload,
+        // and the same checks as `check`.
+        let source = mcp_orchestrator::reload::Source {
+            dir: args.project_dir.clone(),
+            variables: std::env::vars().collect(),
+            environment,
+            force_mock: args.mock,
+        };
+        let color = std::io::stderr().is_terminal();
+        let deployment = match mcp_orchestrator::reload::prepare(&source, 1) {
+            Ok(prepared) => {
+                if !prepared.warnings.is_empty() {
+                    eprint!(
+                        "{}",
+                        diagnostic::render_human(&prepared.warnings, &prepared.sources, color)
+                    );
+                }
+                prometheus::record_generation(prepared.deployment.generation);
+                prepared.deployment
             }
-            true
-        }
-        None => environment == Environment::Development || console_keys,
-    };
-    for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
-        if *mode == mcp_orchestrator::services::ServiceMode::Mock {
+            Err(error) => {
+                eprint!(
+                    "{}",
+                    diagnostic::render_human(&error.diagnostics, &error.sources, color)
+                );
+                eprintln!(
+                    "error: the project in `{}` cannot be served; not starting",
+                    args.project_dir.display()
+                );
+                return Ok(EXIT_INVALID_PROJECT);
+            }
+        };
+        if environment == Environment::Production && deployment.project.access.keys.is_empty() {
             tracing::warn!(
-                event_type = "service_mock",
-                service_type = %service.name,
-                variable = service.url_variable.as_deref().unwrap_or(""),
-                "Service runs on its mock"
+                event_type = "startup",
+                auth = "none",
+                "No caller key is declared: anyone who can reach POST /orchestrate can run turns as any user"
             );
         }
+        let console_keys = deployment.project.access.keys.iter().any(|key| key.console);
+        let console = match args.console.as_deref() {
+            Some("off") => false,
+            Some(_) => {
+                if environment == Environment::Production && !console_keys {
+                    anyhow::bail!(
+                        "MCP_CONSOLE=on in production needs a caller key declared with `console: true`"
+                    );
+                }
+                true
+            }
+            None => environment == Environment::Development || console_keys,
+        };
+        for (service, mode) in deployment.project.services.iter().zip(&deployment.modes) {
+            if *mode == mcp_orchestrator::services::ServiceMode::Mock {
+                tracing::warn!(
+                    event_type = "service_mock",
+                    service_type = %service.name,
+                    variable = service.url_variable.as_deref().unwrap_or(""),
+                    "Service runs on its mock"
+                );
+            }
+        }
+        single = Some((source, deployment, console));
     }
+    // Each tenant's console opens with its own `console: true` keys (in
+    // production, only those).
+    let tenants_console = match args.console.as_deref() {
+        Some(setting) => setting == "on",
+        None => environment == Environment::Development,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -497,69 +570,119 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         // After the ring provider is installed: a `rediss://` connection
         // builds its TLS configuration from the process's provider.
         let sessions = session_store(&args, session_store_url).await?;
-        let state = std::sync::Arc::new(AppState {
-            deployment: arc_swap::ArcSwap::from_pointee(deployment),
-            classifier,
-            sessions,
-            transport: std::sync::Arc::new(transport),
-            settings: RuntimeSettings {
-                environment,
-                request_timeout: args.request_timeout,
-                connections: server::ConnectionSettings {
-                    header_timeout: args.header_timeout,
-                    idle_timeout: args.idle_timeout,
-                    max_connections: args.max_connections,
-                },
-                mcp: server::mcp::McpSettings::from_values(
-                    args.mcp_allowed_hosts.as_deref(),
-                    args.mcp_allowed_origins.as_deref(),
-                ),
+        let settings = RuntimeSettings {
+            environment,
+            request_timeout: args.request_timeout,
+            connections: server::ConnectionSettings {
+                header_timeout: args.header_timeout,
+                idle_timeout: args.idle_timeout,
+                max_connections: args.max_connections,
             },
-            reload: std::sync::Mutex::new(Default::default()),
-            admission: Default::default(),
-            breakers: Default::default(),
-            channels: Default::default(),
-            events: Default::default(),
-            console: console.then(Default::default),
-        });
-        if state.console.is_some() {
-            tracing::info!(event_type = "startup", "The console is on at /console: every turn is recorded");
-        }
-        let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
-        let _watch = reloader.watch()?;
-        #[cfg(unix)]
-        let _hangup = mcp_orchestrator::reload::reload_on_sighup(reloader.clone())?;
-        let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
-        let served = async {
-            let listener = tokio::net::TcpListener::bind(address).await?;
-            tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
-            let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
-            let shutdown = {
-                let signalled = signalled.clone();
-                async move {
-                    shutdown_signal().await;
-                    let _ = signalled.set(std::time::Instant::now());
-                }
-            };
-            server::serve(listener, state.clone(), shutdown, args.shutdown_grace).await?;
-            // Messages already acknowledged to a platform get their reply
-            // within what is left of the grace period.
-            let left = signalled
-                .get()
-                .map_or(args.shutdown_grace, |at: &std::time::Instant| {
-                    args.shutdown_grace.saturating_sub(at.elapsed())
-                });
-            if !state.channels.drain(left).await {
-                tracing::warn!(
-                    event_type = "shutdown",
-                    queued = state.channels.queue_depth(),
-                    "Some channel messages were acknowledged and not answered"
-                );
+            mcp: server::mcp::McpSettings::from_values(
+                args.mcp_allowed_hosts.as_deref(),
+                args.mcp_allowed_origins.as_deref(),
+            ),
+        };
+        let served = match single {
+            Some((source, deployment, console)) => {
+            let state = std::sync::Arc::new(AppState {
+                deployment: arc_swap::ArcSwap::from_pointee(deployment),
+                classifier,
+                sessions,
+                transport: std::sync::Arc::new(transport),
+                settings,
+                reload: std::sync::Mutex::new(Default::default()),
+                admission: Default::default(),
+                breakers: Default::default(),
+                channels: Default::default(),
+                events: Default::default(),
+                console: console.then(Default::default),
+                tenant: None,
+            });
+            if state.console.is_some() {
+                tracing::info!(event_type = "startup", "The console is on at /console: every turn is recorded");
             }
-            tracing::info!(event_type = "shutdown", "Stopped");
-            anyhow::Ok(())
-        }
-        .await;
+            let reloader = mcp_orchestrator::reload::Reloader::new(source, state.clone());
+            let _watch = reloader.watch()?;
+            #[cfg(unix)]
+            let _hangup = mcp_orchestrator::reload::reload_on_sighup(reloader.clone())?;
+            let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
+            async {
+                let listener = tokio::net::TcpListener::bind(address).await?;
+                tracing::info!(event_type = "startup", address = %listener.local_addr()?, flows = state.deployment.load().project.flows.len(), "Listening");
+                let (signalled, shutdown) = signalled_shutdown();
+                server::serve(listener, state.clone(), shutdown, args.shutdown_grace).await?;
+                // Messages already acknowledged to a platform get their reply
+                // within what is left of the grace period.
+                let left = grace_left(&signalled, args.shutdown_grace);
+                if !state.channels.drain(left).await {
+                    tracing::warn!(
+                        event_type = "shutdown",
+                        queued = state.channels.queue_depth(),
+                        "Some channel messages were acknowledged and not answered"
+                    );
+                }
+                tracing::info!(event_type = "shutdown", "Stopped");
+                anyhow::Ok(())
+            }
+            .await
+            }
+            None => {
+                let tenants = mcp_orchestrator::tenants::Tenants::new(
+                    args.project_dir.clone(),
+                    mcp_orchestrator::tenants::Shared {
+                        classifier,
+                        sessions,
+                        transport: std::sync::Arc::new(transport),
+                        settings,
+                        console: tenants_console,
+                        variables: std::env::vars().collect(),
+                        environment,
+                        force_mock: args.mock,
+                    },
+                );
+                let started = std::time::Instant::now();
+                tenants.sync().await;
+                let failures = tenants.failures();
+                if tenants.names().is_empty() {
+                    eprintln!(
+                        "error: no tenant of `{}` can be served ({} failed); not starting",
+                        args.project_dir.display(),
+                        failures.len()
+                    );
+                    return anyhow::Ok(EXIT_INVALID_PROJECT);
+                }
+                tracing::info!(
+                    event_type = "startup",
+                    tenants = tenants.names().len(),
+                    failed = failures.len(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "Tenants loaded"
+                );
+                let _supervisor = tenants.watch()?;
+                let address = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
+                async {
+                    let listener = tokio::net::TcpListener::bind(address).await?;
+                    tracing::info!(event_type = "startup", address = %listener.local_addr()?, tenants = tenants.names().len(), "Listening");
+                    let (signalled, shutdown) = signalled_shutdown();
+                    mcp_orchestrator::tenants::serve(listener, tenants.clone(), shutdown, args.shutdown_grace).await?;
+                    let left = grace_left(&signalled, args.shutdown_grace);
+                    for state in tenants.states() {
+                        if !state.channels.drain(left).await {
+                            tracing::warn!(
+                                event_type = "shutdown",
+                                tenant = state.tenant.as_deref().unwrap_or(""),
+                                queued = state.channels.queue_depth(),
+                                "Some channel messages were acknowledged and not answered"
+                            );
+                        }
+                    }
+                    tracing::info!(event_type = "shutdown", "Stopped");
+                    anyhow::Ok(())
+                }
+                .await
+            }
+        };
         // Whatever the outcome, what waits for Loki gets one push, within
         // the flush deadline.
         if let Some(loki) = loki {
@@ -573,9 +696,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 );
             }
         }
-        served
-    })?;
-    Ok(EXIT_OK)
+        served.map(|()| EXIT_OK)
+    })
+}
+
+/// The shutdown signal (SIGTERM, Ctrl-C) as a future, and when it came.
+fn signalled_shutdown() -> (
+    std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let signalled = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown_signal().await;
+            let _ = signalled.set(std::time::Instant::now());
+        }
+    };
+    (signalled, shutdown)
+}
+
+/// What is left of the grace period since the signal.
+fn grace_left(
+    signalled: &std::sync::OnceLock<std::time::Instant>,
+    grace: std::time::Duration,
+) -> std::time::Duration {
+    signalled
+        .get()
+        .map_or(grace, |at| grace.saturating_sub(at.elapsed()))
 }
 
 /// The session store: Redis when `SESSION_STORE_URL` is set, else memory.
@@ -662,29 +810,69 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
         anyhow::bail!("`{}` is not a directory", args.dir.display());
     }
     let environment = std::env::vars().collect();
-    let checked = flowtest::check_with_tests(&args.dir, &environment);
     let color = std::io::stderr().is_terminal();
-    let Some(project) = checked.project else {
-        eprint!(
-            "{}",
-            diagnostic::render_human(&checked.diagnostics, &checked.sources, color)
-        );
-        eprintln!("error: the project or its tests are invalid; no test was run");
-        return Ok(EXIT_USAGE);
-    };
-    let tests = flowtest::load_tests(&args.dir, &environment);
-    let started = std::time::Instant::now();
     let selection = flowtest::Selection {
         filter: args.filter.as_deref(),
         golden_only: args.golden_only,
     };
-    let results = flowtest::run(&project, &tests, selection);
+    let projects = projects(&args.dir, args.tenant.as_deref())?;
+    let several = projects.len() > 1 || projects.iter().any(|(tenant, _)| tenant.is_some());
+    let mut results = flowtest::Report {
+        cases: Vec::new(),
+        golden: Vec::new(),
+    };
+    let mut human = String::new();
+    let started = std::time::Instant::now();
+    for (tenant, dir) in projects {
+        let prefix = match &tenant {
+            Some(name) => Path::new(mcp_orchestrator::tenants::TENANTS_DIR).join(name),
+            None => PathBuf::new(),
+        };
+        let checked = flowtest::check_with_tests(&dir, &environment);
+        let Some(project) = checked.project else {
+            let diagnostics: Vec<_> = checked
+                .diagnostics
+                .into_iter()
+                .map(|d| d.under(&prefix))
+                .collect();
+            eprint!(
+                "{}",
+                diagnostic::render_human(&diagnostics, &checked.sources.under(&prefix), color)
+            );
+            eprintln!("error: the project or its tests are invalid; no test was run");
+            return Ok(EXIT_USAGE);
+        };
+        let tests = flowtest::load_tests(&dir, &environment);
+        let tenant_started = std::time::Instant::now();
+        let report = flowtest::run(&project, &tests, selection).under(&prefix);
+        if matches!(args.format, TestFormat::Human) {
+            let coverage = args.coverage.then(|| flowtest::coverage(&project, &report));
+            if let Some(name) = &tenant {
+                human.push_str(&format!("== tenant {name}\n"));
+            }
+            human.push_str(&report::human(
+                &report,
+                coverage.as_ref(),
+                tenant_started.elapsed(),
+            ));
+            if several {
+                human.push('\n');
+            }
+        }
+        results.extend(report);
+    }
     let elapsed = started.elapsed();
-    let coverage = args
-        .coverage
-        .then(|| flowtest::coverage(&project, &results));
     let output = match args.format {
-        TestFormat::Human => report::human(&results, coverage.as_ref(), elapsed),
+        TestFormat::Human => {
+            if several {
+                let (passed, failed) = results.counts();
+                human.push_str(&format!(
+                    "all tenants: {passed} passed, {failed} failed in {:.2}s\n",
+                    elapsed.as_secs_f64()
+                ));
+            }
+            human
+        }
         TestFormat::Junit => report::junit(&results),
         TestFormat::Github => report::github(&results),
     };

@@ -57,6 +57,9 @@ pub struct CompiledProject {
     pub limits: Limits,
     /// Messaging platforms' webhooks (`channels:`), in file order.
     pub channels: Vec<Channel>,
+    /// Host names that reach this project when a deployment serves several
+    /// tenants: lower-case, without a port.
+    pub hosts: Vec<String>,
 }
 
 impl CompiledProject {

@@ -315,8 +315,26 @@ impl Reloader {
             }
         }
         let reloader = Arc::clone(self);
-        let task = tokio::spawn(async move { reloader.run(debouncer).await });
+        let task = tokio::spawn(async move { reloader.run(Some(debouncer)).await });
         Ok(WatchGuard { task })
+    }
+
+    /// Reloads when asked (`request`: a watcher of several projects, a
+    /// signal) and when a poll sees the files change, until the returned
+    /// guard is dropped. Needs a Tokio runtime.
+    /// Its log lines are in `span` (a tenant's).
+    pub fn run_without_watcher(self: &Arc<Self>, span: tracing::Span) -> WatchGuard {
+        use tracing::Instrument;
+        let reloader = Arc::clone(self);
+        let task = tokio::spawn(
+            async move {
+                reloader
+                    .run::<notify_debouncer_full::notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>(None)
+                    .await
+            }
+            .instrument(span),
+        );
+        WatchGuard { task }
     }
 
     fn watched_folders(&self) -> Vec<PathBuf> {
@@ -338,7 +356,7 @@ impl Reloader {
 
     /// Whether a changed path can affect the project: not a conversation
     /// test, not an editor's swap or backup file.
-    fn is_project_path(&self, path: &Path) -> bool {
+    pub fn is_project_path(&self, path: &Path) -> bool {
         let relative = path.strip_prefix(&self.source.dir).unwrap_or(path);
         let tests = Path::new(FLOWS_DIR).join(load::TESTS_DIR);
         if relative.starts_with(&tests) {
@@ -354,8 +372,10 @@ impl Reloader {
             || name.starts_with(".#"))
     }
 
-    async fn run<W, C>(self: Arc<Self>, mut debouncer: notify_debouncer_full::Debouncer<W, C>)
-    where
+    async fn run<W, C>(
+        self: Arc<Self>,
+        mut debouncer: Option<notify_debouncer_full::Debouncer<W, C>>,
+    ) where
         W: notify_debouncer_full::notify::Watcher,
         C: notify_debouncer_full::FileIdCache,
     {
@@ -377,7 +397,9 @@ impl Reloader {
             // (truncated, not yet written) is never loaded.
             let settled = self.settle().await;
             let reloader = Arc::clone(&self);
-            match tokio::task::spawn_blocking(move || reloader.reload_now()).await {
+            let span = tracing::Span::current();
+            match tokio::task::spawn_blocking(move || span.in_scope(|| reloader.reload_now())).await
+            {
                 Ok(_) => {}
                 Err(error) => {
                     tracing::error!(event_type = "reload", error = %error, "Reload task failed")
@@ -391,7 +413,9 @@ impl Reloader {
             // A folder replaced whole (git checkout, a ConfigMap swap) has a
             // new identity: watch the new one.
             let now = self.watched_folders_identity();
-            if now != folders {
+            if let Some(debouncer) = debouncer.as_mut()
+                && now != folders
+            {
                 for (folder, _) in &folders {
                     let _ = debouncer.unwatch(folder);
                 }
@@ -402,8 +426,8 @@ impl Reloader {
                         tracing::warn!(event_type = "reload", folder = %folder.display(), error = %error, "Cannot watch folder");
                     }
                 }
-                folders = now;
             }
+            folders = now;
         }
     }
 
@@ -458,6 +482,13 @@ fn identity_of(metadata: &std::fs::Metadata) -> (u64, u64) {
 }
 
 const MAX_FINGERPRINT_DEPTH: usize = 16;
+
+/// Size and modification time of every file under `dir`.
+pub fn folder_fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    let mut out = BTreeMap::new();
+    collect_metadata(dir, 0, &mut out);
+    out
+}
 
 fn collect_metadata(
     path: &Path,

@@ -182,6 +182,8 @@ pub struct AppState {
     pub events: Events,
     /// The console, when it is on: every turn is then recorded.
     pub console: Option<console::Console>,
+    /// The tenant this state serves, when the process serves several.
+    pub tenant: Option<String>,
 }
 
 /// Most long-lived streams open at once (MCP `subscriptions/listen`): each
@@ -299,14 +301,21 @@ struct CallerLabel(String);
 #[derive(Debug, Clone, Copy)]
 struct ErrorCode(&'static str);
 
+/// The tenant a request was routed to, when the process serves several (a
+/// request extension set by `tenants`): a label of its span and metrics.
+#[derive(Debug, Clone)]
+pub struct TenantLabel(pub Arc<str>);
+
 /// Runs every request inside a `request` span, then counts and times its
 /// answer.
 async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let endpoint = endpoint_label(request.uri().path());
+    let tenant = request.extensions().get::<TenantLabel>().cloned();
     let span = tracing::info_span!(
         "request",
         endpoint,
+        tenant = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
@@ -314,6 +323,9 @@ async fn observe(request: Request, next: Next) -> Response {
         caller = tracing::field::Empty,
         session_error = tracing::field::Empty,
     );
+    if let Some(TenantLabel(tenant)) = &tenant {
+        span.record("tenant", &**tenant);
+    }
     let response = next.run(request).instrument(span).await;
     let status = response.status().as_u16().to_string();
     let (route, intent) = match response.extensions().get::<TurnLabels>() {
@@ -324,20 +336,30 @@ async fn observe(request: Request, next: Next) -> Response {
         Some(CallerLabel(name)) => name.clone(),
         None => "none".to_owned(),
     };
+    // Several tenants: each metric also says its tenant.
+    let with_tenant = |mut labels: Vec<metrics::Label>| {
+        if let Some(TenantLabel(tenant)) = &tenant {
+            labels.push(metrics::Label::new("tenant", tenant.to_string()));
+        }
+        labels
+    };
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-        metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, "endpoint" => endpoint, "code" => *code)
-            .increment(1);
+        let labels = with_tenant(vec![
+            metrics::Label::new("endpoint", endpoint),
+            metrics::Label::new("code", *code),
+        ]);
+        metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, labels).increment(1);
     }
-    metrics::counter!(
-        prometheus::REQUESTS_TOTAL,
-        "endpoint" => endpoint,
-        "caller" => caller,
-        "route" => route,
-        "intent" => intent,
-        "status" => status,
-    )
-    .increment(1);
-    metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, "endpoint" => endpoint)
+    let labels = with_tenant(vec![
+        metrics::Label::new("endpoint", endpoint),
+        metrics::Label::new("caller", caller),
+        metrics::Label::new("route", route),
+        metrics::Label::new("intent", intent),
+        metrics::Label::new("status", status),
+    ]);
+    metrics::counter!(prometheus::REQUESTS_TOTAL, labels).increment(1);
+    let labels = with_tenant(vec![metrics::Label::new("endpoint", endpoint)]);
+    metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, labels)
         .record(started.elapsed().as_secs_f64());
     response
 }
@@ -364,7 +386,11 @@ pub struct ApiError {
 pub(crate) const OVERLOADED_RETRY_AFTER_SECONDS: u64 = 1;
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        detail: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -378,7 +404,7 @@ impl ApiError {
     }
 
     /// 408: the body did not arrive within the request timeout.
-    fn request_timeout() -> ApiError {
+    pub(crate) fn request_timeout() -> ApiError {
         ApiError {
             close_connection: true,
             ..ApiError::new(
@@ -390,7 +416,7 @@ impl ApiError {
     }
 
     /// 413 over `MAX_REQUEST_BYTES`, else 400: the body could not be read.
-    fn unreadable_body(too_large: bool) -> ApiError {
+    pub(crate) fn unreadable_body(too_large: bool) -> ApiError {
         if too_large {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -407,12 +433,12 @@ impl ApiError {
     }
 
     /// 403: the caller may not do this.
-    fn forbidden(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn forbidden(detail: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail)
     }
 
     /// 401: no caller key, or not one of the project's.
-    fn unauthorized() -> ApiError {
+    pub(crate) fn unauthorized() -> ApiError {
         ApiError {
             www_authenticate: true,
             ..ApiError::new(
@@ -644,7 +670,20 @@ async fn run_orchestrate(
         Some(schema) => validate_request_body(schema, body)?,
         None => body,
     };
-    let request = turn_request(body, &headers)?;
+    let mut request = turn_request(body, &headers)?;
+    if let Some(serving) = &state.tenant {
+        match &request.tenant {
+            Some(named) if named != serving => {
+                return Err(ApiError::invalid(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "/tenant",
+                    format!("this request reached tenant `{serving}`; its body names `{named}`"),
+                ));
+            }
+            Some(_) => {}
+            None => request.tenant = Some(serving.clone()),
+        }
+    }
     if !caller.allows_channel(&request.channel) {
         return Err(ApiError::forbidden(format!(
             "the caller key `{}` may not send channel `{}`",
@@ -976,6 +1015,12 @@ pub fn trace_id_from_traceparent(headers: &HeaderMap) -> Option<String> {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(health_json(&state).await).into_response()
+}
+
+/// What `/health` says of one project (of one tenant, when there are
+/// several).
+pub(crate) async fn health_json(state: &AppState) -> Json {
     let deployment = state.deployment.load_full();
     let project = &deployment.project;
     let services: Vec<Json> = project
@@ -1036,7 +1081,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "max_in_flight": project.limits.max_in_flight,
             "in_flight": admission.in_flight(),
         },
-        "channels": channels_json(&state, project),
+        "channels": channels_json(state, project),
         "sessions": state.sessions.session_count(),
         "session_store": session_store,
         "reload": {
@@ -1047,7 +1092,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "last_error": reload.last_error,
         },
     });
-    axum::Json(body).into_response()
+    body
 }
 
 /// Each declared channel for `/health`: its kind, whether it is enabled,
@@ -1087,7 +1132,7 @@ fn channels_json(state: &AppState, project: &CompiledProject) -> Json {
 pub const OPENAPI_DOCUMENT: &str = include_str!("../docs/openapi.json");
 
 /// `GET /openapi.json`.
-async fn openapi_document() -> Response {
+pub(crate) async fn openapi_document() -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -1155,6 +1200,18 @@ async fn metrics_text(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
 /// accepting, lets in-flight requests finish for at most `grace`, and
 /// returns. Connections are bounded in number and time
 /// (`RuntimeSettings::connections`, see `connections`).
+/// Serves `router` (the tenants' dispatcher) as `serve` serves one
+/// project.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    settings: ConnectionSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    connections::serve(listener, router, settings, shutdown, grace).await
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,

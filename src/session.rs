@@ -279,3 +279,67 @@ fn lock(entry: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// One tenant's view of a store shared by several: every session id and
+/// delivery key gets the tenant's prefix (`tenant:<name>:`), so tenants
+/// never read each other's sessions or de-duplicate each other's
+/// deliveries. Tenant names hold no `:`.
+pub struct TenantSessions {
+    inner: Arc<dyn SessionStore>,
+    prefix: String,
+}
+
+impl TenantSessions {
+    pub fn new(inner: Arc<dyn SessionStore>, tenant: &str) -> TenantSessions {
+        TenantSessions {
+            inner,
+            prefix: format!("tenant:{tenant}:"),
+        }
+    }
+
+    fn key(&self, id: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + id.len());
+        key.push_str(&self.prefix);
+        key.push_str(id);
+        key
+    }
+}
+
+impl SessionStore for TenantSessions {
+    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Session, SessionError>> {
+        Box::pin(async move { self.inner.load(&self.key(id)).await })
+    }
+
+    fn apply<'a>(
+        &'a self,
+        id: &'a str,
+        update: &'a TurnUpdate,
+    ) -> BoxFuture<'a, Result<Session, SessionError>> {
+        Box::pin(async move { self.inner.apply(&self.key(id), update).await })
+    }
+
+    /// The whole store's: sessions are not counted per tenant.
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn session_count(&self) -> Option<u64> {
+        self.inner.session_count()
+    }
+
+    fn health(&self) -> BoxFuture<'_, SessionStoreHealth> {
+        self.inner.health()
+    }
+
+    fn first_delivery<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Option<Result<bool, SessionError>>> {
+        Box::pin(async move { self.inner.first_delivery(&self.key(key), ttl).await })
+    }
+
+    fn forget_delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move { self.inner.forget_delivery(&self.key(key)).await })
+    }
+}

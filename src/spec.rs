@@ -146,6 +146,10 @@ pub struct FlowFile {
     /// `POST /channels/{name}`.
     #[serde(default)]
     pub channels: IndexMap<Name, Channel>,
+    /// When one deployment serves several tenants: the host names whose
+    /// requests reach this project (`Host: brand-a.example.com`).
+    #[serde(default)]
+    pub hosts: Option<Spanned<Vec<Text>>>,
 }
 
 /// The top-level keys of a flow file, in the order the format reference lists them.
@@ -159,6 +163,7 @@ pub const FLOW_FILE_KEYS: &[&str] = &[
     "access",
     "limits",
     "channels",
+    "hosts",
 ];
 
 #[derive(Debug, Deserialize, JsonSchema)]

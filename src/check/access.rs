@@ -265,6 +265,56 @@ fn parse_rate(text: &str) -> Option<(u32, Duration)> {
     Some((count, period))
 }
 
+impl Checker<'_> {
+    /// `hosts:`: host names (letters, digits, `-` and `.`), each once;
+    /// kept lower-case, without a trailing dot.
+    pub(super) fn compile_hosts(
+        &mut self,
+        hosts: Option<(&Path, &Spanned<Vec<spec::Text>>)>,
+    ) -> Vec<String> {
+        let Some((file, hosts)) = hosts else {
+            return Vec::new();
+        };
+        let mut compiled: Vec<String> = Vec::new();
+        for host in &hosts.value {
+            let name = host.value.trim().trim_end_matches('.').to_ascii_lowercase();
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                let location = self.location(file, host, host.value.len());
+                self.error(
+                    Code::InvalidValue,
+                    location,
+                    format!("`{}` is not a host name", host.value),
+                )
+                .hint = Some(
+                    "a DNS name such as `brand-a.example.com`, without a scheme, port or path"
+                        .to_owned(),
+                );
+            } else if compiled.contains(&name) {
+                let location = self.location(file, host, host.value.len());
+                self.error(
+                    Code::DuplicateName,
+                    location,
+                    format!("host `{name}` is listed twice"),
+                );
+            } else {
+                compiled.push(name);
+            }
+        }
+        compiled
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -549,6 +549,24 @@ pub struct Report {
 }
 
 impl Report {
+    /// The same results with every file under `prefix` (a tenant's folder
+    /// in a deployment of several).
+    pub fn under(mut self, prefix: &Path) -> Report {
+        for case in &mut self.cases {
+            case.file = prefix.join(&case.file);
+        }
+        for golden in &mut self.golden {
+            golden.file = prefix.join(&golden.file);
+        }
+        self
+    }
+
+    /// Both reports' results, `other`'s after.
+    pub fn extend(&mut self, other: Report) {
+        self.cases.extend(other.cases);
+        self.golden.extend(other.golden);
+    }
+
     /// (passed, failed), counting each case and each golden set once.
     pub fn counts(&self) -> (usize, usize) {
         let passed = self.cases.iter().filter(|c| c.passed()).count()

@@ -437,7 +437,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         }
         let mut router = self.router.clone();
         let mut request = request.map(Body::new);
-        if request.uri().path().starts_with(super::console::PREFIX) {
+        if super::console::is_console_path(request.uri().path()) {
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(self.peer));

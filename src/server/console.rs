@@ -32,8 +32,17 @@ use crate::admission::{self, Caller};
 use crate::graph::{self, GraphError, GraphFormat};
 use crate::trace::TurnSummary;
 
-/// Every console route starts with it.
+/// Every console route starts with it (after `/t/{tenant}` for a tenant's).
 pub const PREFIX: &str = "/console";
+
+/// Whether `path` is a console route, of the process or of a tenant.
+pub fn is_console_path(path: &str) -> bool {
+    let path = match path.strip_prefix("/t/") {
+        Some(rest) => rest.find('/').map_or("", |at| &rest[at..]),
+        None => path,
+    };
+    path.starts_with(PREFIX)
+}
 
 const INDEX_HTML: &str = include_str!("../../console/index.html");
 const CONSOLE_JS: &str = include_str!("../../console/console.js");
@@ -142,7 +151,11 @@ pub fn routes(state: &AppState) -> Router<Arc<AppState>> {
     }
     Router::new()
         .route("/console", get(page))
-        .route("/console/", get(page))
+        // The page's links are relative to `/console`.
+        .route(
+            "/console/",
+            get(|| async { axum::response::Redirect::permanent("../console") }),
+        )
         .route("/console/assets/{file}", get(asset))
         .route("/console/api/status", get(status))
         .route("/console/api/turns", get(turns))

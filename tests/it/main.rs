@@ -12,6 +12,7 @@ mod reload;
 mod runtime;
 mod session_stores;
 mod shipped_project;
+mod tenants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -147,6 +147,7 @@ async fn serve_dir(
         channels: Default::default(),
         events: Default::default(),
         console: None,
+        tenant: None,
     });
     let reloader = Reloader::new(source, state.clone());
     let watch = reloader.watch().unwrap();

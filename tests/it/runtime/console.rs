@@ -87,7 +87,7 @@ async fn the_page_and_its_files_are_served_with_a_strict_policy() {
         .to_owned();
     assert!(policy.contains("default-src 'none'"), "{policy}");
     let html = body_text(response).await;
-    assert!(html.contains("/console/assets/console.js"), "{html}");
+    assert!(html.contains("\"console/assets/console.js\""), "{html}");
     for (file, kind) in [("console.js", "javascript"), ("console.css", "css")] {
         let response = harness
             .router()

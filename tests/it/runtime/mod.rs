@@ -159,6 +159,7 @@ impl Harness {
             channels: Default::default(),
             events: Default::default(),
             console: options.console.then(Default::default),
+            tenant: None,
         });
         Harness { state, sessions }
     }

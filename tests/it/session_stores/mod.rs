@@ -362,6 +362,7 @@ pub fn replica(
         channels: Default::default(),
         events: Default::default(),
         console: None,
+        tenant: None,
     })
 }
 
