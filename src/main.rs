@@ -667,8 +667,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                     let (signalled, shutdown) = signalled_shutdown();
                     mcp_orchestrator::tenants::serve(listener, tenants.clone(), shutdown, args.shutdown_grace).await?;
                     let left = grace_left(&signalled, args.shutdown_grace);
-                    for state in tenants.states() {
-                        if !state.channels.drain(left).await {
+                    // Every tenant drains at once, within the one grace period.
+                    let states = tenants.states();
+                    let drained = futures_util::future::join_all(
+                        states.iter().map(|state| state.channels.drain(left)),
+                    )
+                    .await;
+                    for (state, drained) in states.iter().zip(drained) {
+                        if !drained {
                             tracing::warn!(
                                 event_type = "shutdown",
                                 tenant = state.tenant.as_deref().unwrap_or(""),
@@ -822,6 +828,7 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
         golden: Vec::new(),
     };
     let mut human = String::new();
+    let mut invalid = false;
     let started = std::time::Instant::now();
     for (tenant, dir) in projects {
         let prefix = match &tenant {
@@ -839,8 +846,15 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
                 "{}",
                 diagnostic::render_human(&diagnostics, &checked.sources.under(&prefix), color)
             );
-            eprintln!("error: the project or its tests are invalid; no test was run");
-            return Ok(EXIT_USAGE);
+            match &tenant {
+                // The other tenants are still tested.
+                Some(name) => eprintln!(
+                    "error: tenant `{name}`: the project or its tests are invalid; its tests were not run"
+                ),
+                None => eprintln!("error: the project or its tests are invalid; no test was run"),
+            }
+            invalid = true;
+            continue;
         };
         let tests = flowtest::load_tests(&dir, &environment);
         let tenant_started = std::time::Instant::now();
@@ -879,6 +893,9 @@ fn test(args: TestArgs) -> anyhow::Result<u8> {
     match &args.output {
         Some(path) => std::fs::write(path, output)?,
         None => print!("{output}"),
+    }
+    if invalid {
+        return Ok(EXIT_USAGE);
     }
     if results.cases.is_empty() && results.golden.is_empty() {
         eprintln!(

@@ -1018,9 +1018,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(health_json(&state).await).into_response()
 }
 
-/// What `/health` says of one project (of one tenant, when there are
-/// several).
+/// What `/health` says of one project.
 pub(crate) async fn health_json(state: &AppState) -> Json {
+    // Bounded by the store's operation timeout: `/health` never hangs on
+    // the store.
+    let session_store = state.sessions.health().await;
+    health_json_with(state, session_store)
+}
+
+/// `health_json`, with the session store's health already asked (one
+/// tenant of several: the store is shared).
+pub(crate) fn health_json_with(
+    state: &AppState,
+    session_store: crate::session::SessionStoreHealth,
+) -> Json {
     let deployment = state.deployment.load_full();
     let project = &deployment.project;
     let services: Vec<Json> = project
@@ -1049,9 +1060,6 @@ pub(crate) async fn health_json(state: &AppState) -> Json {
         .lock()
         .map(|status| status.clone())
         .unwrap_or_default();
-    // Bounded by the store's operation timeout: `/health` never hangs on
-    // the store.
-    let session_store = state.sessions.health().await;
     // Degraded, not failed: turns are still answered (without their
     // session), so a readiness probe keeps the replica in service.
     let status = match session_store.status {

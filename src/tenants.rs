@@ -155,6 +155,11 @@ pub struct Tenants {
     changes: tokio::sync::Mutex<()>,
     /// Wakes the supervisor: the `tenants/` folder changed.
     wake: tokio::sync::Notify,
+    /// Set after the first sync (start-up): later ones wait for a folder
+    /// being copied in to settle; the first has nothing being copied.
+    synced: std::sync::atomic::AtomicBool,
+    /// Folders already said not to be tenants.
+    warned: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Tenants {
@@ -166,6 +171,8 @@ impl Tenants {
             failed: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            synced: std::sync::atomic::AtomicBool::new(false),
+            warned: Mutex::new(Default::default()),
         })
     }
 
@@ -218,7 +225,7 @@ impl Tenants {
                 return;
             }
         };
-        for name in invalid {
+        for name in invalid.into_iter().filter(|name| self.warned(name)) {
             tracing::warn!(
                 event_type = "tenant",
                 folder = %name,
@@ -243,13 +250,18 @@ impl Tenants {
                         .is_none_or(|failed| failed.fingerprint != reload::folder_fingerprint(dir))
             })
             .collect();
+        let settle_first = self.synced.swap(true, std::sync::atomic::Ordering::Relaxed);
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         for batch in pending.chunks(parallel) {
             let prepared = futures_util::future::join_all(batch.iter().map(|(name, dir)| {
                 let source = self.source(dir);
                 let name = name.clone();
                 async move {
-                    let settled = settle(&source.dir).await;
+                    let settled = if settle_first {
+                        settle(&source.dir).await
+                    } else {
+                        reload::folder_fingerprint(&source.dir)
+                    };
                     let prepared =
                         tokio::task::spawn_blocking(move || reload::prepare(&source, 1)).await;
                     (name, settled, prepared)
@@ -258,14 +270,47 @@ impl Tenants {
             .await;
             for (name, fingerprint, prepared) in prepared {
                 match prepared {
-                    Ok(Ok(prepared)) => self.start(&name, prepared.deployment),
+                    Ok(Ok(prepared)) => {
+                        self.start(&name, prepared.deployment);
+                        // An edit while it loaded: its reloader takes it.
+                        let dir = self.dir.join(TENANTS_DIR).join(&name);
+                        if let Some(tenant) = self.get(&name)
+                            && reload::folder_fingerprint(&dir) != fingerprint
+                        {
+                            tenant.reloader.request();
+                        }
+                    }
                     Ok(Err(error)) => self.failed_to_load(&name, &error, fingerprint),
                     Err(error) => {
-                        tracing::error!(event_type = "tenant", tenant = %name, error = %error, "Loading the tenant failed")
+                        tracing::error!(event_type = "tenant", tenant = %name, error = %error, "Loading the tenant failed");
+                        self.failed_map().insert(
+                            name,
+                            Failed {
+                                error: ReloadError {
+                                    at: now(),
+                                    message: "loading the project failed; the logs say why"
+                                        .to_owned(),
+                                    diagnostics: Vec::new(),
+                                },
+                                fingerprint,
+                            },
+                        );
                     }
                 }
             }
         }
+    }
+
+    /// Whether `folder` is warned about for the first time (a folder that
+    /// is not a tenant is said once, not at every poll).
+    fn warned(&self, folder: &str) -> bool {
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded: a deployment with more odd folders than this is told
+        // about the first ones.
+        warned.len() < 1024 && warned.insert(folder.to_owned())
     }
 
     fn source(&self, dir: &Path) -> Source {
@@ -289,7 +334,6 @@ impl Tenants {
         }) {
             let message = format!("host `{host}` belongs to tenant `{owner}`");
             tracing::error!(event_type = "tenant", tenant = %name, "{message}; the tenant is not served");
-            let dir = self.dir.join(TENANTS_DIR).join(name);
             self.failed_map().insert(
                 name.to_owned(),
                 Failed {
@@ -298,7 +342,8 @@ impl Tenants {
                         message,
                         diagnostics: Vec::new(),
                     },
-                    fingerprint: reload::folder_fingerprint(&dir),
+                    // Retried at every sync: the owner may let the host go.
+                    fingerprint: BTreeMap::new(),
                 },
             );
             return;
@@ -376,10 +421,7 @@ impl Tenants {
             .iter()
             .filter(|d| d.is_error())
             .cloned()
-            .map(|mut diagnostic| {
-                diagnostic.location.file = prefix.join(&diagnostic.location.file);
-                diagnostic
-            })
+            .map(|diagnostic| diagnostic.under(&prefix))
             .collect();
         for diagnostic in &diagnostics {
             tracing::error!(
@@ -425,18 +467,41 @@ impl Tenants {
         }
     }
 
-    /// Rebuilds where each host name leads, from the live projects; a host
-    /// claimed twice goes to the tenant first in name order.
+    /// Rebuilds where each host name leads, from the live projects. A host
+    /// keeps its owner while the owner declares it: a tenant that adds
+    /// another's host by a reload does not get its traffic (logged).
     fn route_hosts(&self) {
         self.live.rcu(|live| {
             let mut hosts: HashMap<String, Arc<Tenant>> = HashMap::new();
+            let declares = |tenant: &Tenant, host: &str| {
+                tenant
+                    .state
+                    .deployment
+                    .load()
+                    .project
+                    .hosts
+                    .iter()
+                    .any(|declared| declared == host)
+            };
+            for (host, owner) in &live.hosts {
+                if let Some(current) = live.tenants.get(&owner.name)
+                    && Arc::ptr_eq(current, owner)
+                    && declares(owner, host)
+                {
+                    hosts.insert(host.clone(), owner.clone());
+                }
+            }
             for tenant in live.tenants.values() {
                 for host in &tenant.state.deployment.load().project.hosts {
-                    if let Some(owner) = hosts.get(host) {
-                        tracing::warn!(event_type = "tenant", tenant = %tenant.name, host = %host, owner = %owner.name, "Host claimed by two tenants: it stays with the first");
-                        continue;
+                    match hosts.get(host) {
+                        Some(owner) if owner.name != tenant.name => {
+                            tracing::warn!(event_type = "tenant", tenant = %tenant.name, host = %host, owner = %owner.name, "Host claimed by two tenants: it stays with its owner");
+                        }
+                        Some(_) => {}
+                        None => {
+                            hosts.insert(host.clone(), tenant.clone());
+                        }
                     }
-                    hosts.insert(host.clone(), tenant.clone());
                 }
             }
             Live {
@@ -596,6 +661,10 @@ async fn dispatch(State(tenants): State<Arc<Tenants>>, mut request: Request) -> 
             Ok(tenant) => tenant,
             Err(error) => return error.into_response(),
         };
+        // The process's metrics hold every tenant's: the root's rule.
+        if tail == "/metrics" {
+            return metrics_text(State(tenants.clone()), request.headers().clone()).await;
+        }
         let uri = match request.uri().query() {
             Some(query) => format!("{tail}?{query}"),
             None => tail.to_owned(),
@@ -719,9 +788,15 @@ fn host_name(host: &str) -> &str {
 async fn health(State(tenants): State<Arc<Tenants>>) -> Response {
     let live = tenants.live.load_full();
     let mut by_name = serde_json::Map::new();
-    let mut status = "ok";
+    let mut status = if live.tenants.is_empty() {
+        "degraded"
+    } else {
+        "ok"
+    };
+    // The store is shared: asked once, not once per tenant.
+    let store = tenants.shared.sessions.health().await;
     for (name, tenant) in &live.tenants {
-        let health = server::health_json(&tenant.state).await;
+        let health = server::health_json_with(&tenant.state, store.clone());
         if health["status"] != "ok" {
             status = "degraded";
         }
@@ -750,9 +825,10 @@ async fn health(State(tenants): State<Arc<Tenants>>) -> Response {
     response
 }
 
-/// `GET /metrics`: the process's metrics, each labelled with its tenant.
-/// Open unless a tenant declares a `metrics_key`; then any tenant's opens
-/// it.
+/// `GET /metrics`: the process's metrics, which hold every tenant's. Open
+/// unless a tenant declares a `metrics_key`; then only a key every such
+/// tenant declares opens it (the deployment's, e.g. one `METRICS_API_KEY`),
+/// so no tenant's own key reads another's metrics.
 async fn metrics_text(State(tenants): State<Arc<Tenants>>, headers: HeaderMap) -> Response {
     let live = tenants.live.load_full();
     let keys: Vec<Arc<server::Deployment>> = live

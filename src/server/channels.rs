@@ -412,6 +412,7 @@ async fn reply_later(
     let span = tracing::info_span!(
         "channel_turn",
         channel = %name,
+        tenant = state.tenant.as_deref(),
         trace_id = tracing::field::Empty,
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
