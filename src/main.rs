@@ -477,6 +477,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             variables: std::env::vars().collect(),
             environment,
             force_mock: args.mock,
+            tenant: None,
         };
         let color = std::io::stderr().is_terminal();
         let deployment = match mcp_orchestrator::reload::prepare(&source, 1) {

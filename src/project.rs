@@ -154,6 +154,9 @@ pub const MAX_RETRY_ATTEMPTS: u32 = 10;
 
 pub struct Service {
     pub name: String,
+    /// The tenant whose project declares it, when the process serves
+    /// several: a label of its metrics.
+    pub tenant: Option<Arc<str>>,
     /// `None` when the URL is empty: the service runs on its mock (outside
     /// production).
     pub url: Option<url::Url>,

@@ -35,6 +35,8 @@ pub struct Source {
     pub variables: load::Environment,
     pub environment: Environment,
     pub force_mock: bool,
+    /// The tenant this project is, when the process serves several.
+    pub tenant: Option<String>,
 }
 
 /// Why a project cannot be deployed.
@@ -81,7 +83,7 @@ pub fn prepare(source: &Source, generation: u64) -> Result<Prepared, PrepareErro
     // A project that compiled had no error of its own: what production
     // made errors (unset variables, disabled channels) is reported below
     // together with the other production rules.
-    let project = match project {
+    let mut project = match project {
         Some(project) => project,
         None => {
             return Err(PrepareError {
@@ -100,6 +102,12 @@ pub fn prepare(source: &Source, generation: u64) -> Result<Prepared, PrepareErro
             .iter()
             .map(|key| unset_key_diagnostic(key, production)),
     );
+    if let Some(tenant) = &source.tenant {
+        let tenant: Arc<str> = Arc::from(tenant.as_str());
+        for service in &mut project.services {
+            service.tenant = Some(tenant.clone());
+        }
+    }
     let deployed = deploy(project, source.environment, source.force_mock, generation);
     if let Err(missing) = &deployed {
         diagnostics.extend(missing.iter().map(missing_url_diagnostic));
@@ -190,12 +198,20 @@ impl Reloader {
         let next_generation = current.generation + 1;
         let result = prepare(&self.source, next_generation);
         let elapsed = started.elapsed();
-        metrics::histogram!("mcp_reload_duration_seconds").record(elapsed.as_secs_f64());
+        let tenant = self.state.tenant.as_deref();
+        let labelled =
+            |labels: Vec<metrics::Label>| crate::telemetry::prometheus::with_tenant(tenant, labels);
+        metrics::histogram!("mcp_reload_duration_seconds", labelled(Vec::new()))
+            .record(elapsed.as_secs_f64());
         let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         match result {
             Ok(Prepared { deployment, .. }) => {
                 if deployment.project.content_hash == current.project.content_hash {
-                    metrics::counter!("mcp_reloads_total", "outcome" => "unchanged").increment(1);
+                    metrics::counter!(
+                        "mcp_reloads_total",
+                        labelled(vec![metrics::Label::new("outcome", "unchanged")])
+                    )
+                    .increment(1);
                     self.record(|status| {
                         status.last_error = None;
                     });
@@ -204,8 +220,13 @@ impl Reloader {
                 let flows = deployment.project.flows.len();
                 let hash = deployment.project.content_hash.clone();
                 self.state.deployment.store(Arc::new(deployment));
-                metrics::counter!("mcp_reloads_total", "outcome" => "success").increment(1);
-                metrics::gauge!("mcp_project_generation").set(next_generation as f64);
+                metrics::counter!(
+                    "mcp_reloads_total",
+                    labelled(vec![metrics::Label::new("outcome", "success")])
+                )
+                .increment(1);
+                metrics::gauge!("mcp_project_generation", labelled(Vec::new()))
+                    .set(next_generation as f64);
                 self.record(|status| {
                     status.last_success_at = Some(now.clone());
                     status.last_error = None;
@@ -224,7 +245,11 @@ impl Reloader {
                 }
             }
             Err(error) => {
-                metrics::counter!("mcp_reloads_total", "outcome" => "error").increment(1);
+                metrics::counter!(
+                    "mcp_reloads_total",
+                    labelled(vec![metrics::Label::new("outcome", "error")])
+                )
+                .increment(1);
                 for diagnostic in error.diagnostics.iter().filter(|d| d.is_error()) {
                     tracing::error!(
                         event_type = "reload",

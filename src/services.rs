@@ -685,17 +685,21 @@ pub async fn call(
 fn record_call_metrics(service: &Service, error: Option<ServiceErrorCode>, elapsed: Duration) {
     use crate::telemetry::prometheus;
     let outcome = error.map_or("ok", ServiceErrorCode::as_str);
-    metrics::counter!(
-        prometheus::SERVICE_CALLS_TOTAL,
-        "service" => service.name.clone(),
-        "outcome" => outcome,
-    )
-    .increment(1);
-    metrics::histogram!(
-        prometheus::SERVICE_CALL_DURATION_SECONDS,
-        "service" => service.name.clone(),
-    )
-    .record(elapsed.as_secs_f64());
+    let tenant = service.tenant.as_deref();
+    let labels = prometheus::with_tenant(
+        tenant,
+        vec![
+            metrics::Label::new("service", service.name.clone()),
+            metrics::Label::new("outcome", outcome),
+        ],
+    );
+    metrics::counter!(prometheus::SERVICE_CALLS_TOTAL, labels).increment(1);
+    let labels = prometheus::with_tenant(
+        tenant,
+        vec![metrics::Label::new("service", service.name.clone())],
+    );
+    metrics::histogram!(prometheus::SERVICE_CALL_DURATION_SECONDS, labels)
+        .record(elapsed.as_secs_f64());
 }
 
 fn set_status(slot: &std::sync::Mutex<Option<u16>>, status: u16) {

@@ -254,7 +254,7 @@ impl Tenants {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         for batch in pending.chunks(parallel) {
             let prepared = futures_util::future::join_all(batch.iter().map(|(name, dir)| {
-                let source = self.source(dir);
+                let source = self.source(name, dir);
                 let name = name.clone();
                 async move {
                     let settled = if settle_first {
@@ -313,12 +313,13 @@ impl Tenants {
         warned.len() < 1024 && warned.insert(folder.to_owned())
     }
 
-    fn source(&self, dir: &Path) -> Source {
+    fn source(&self, name: &str, dir: &Path) -> Source {
         Source {
             dir: dir.to_path_buf(),
             variables: self.shared.variables.clone(),
             environment: self.shared.environment,
             force_mock: self.shared.force_mock,
+            tenant: Some(name.to_owned()),
         }
     }
 
@@ -367,7 +368,7 @@ impl Tenants {
             tenant: Some(name.to_owned()),
         });
         let dir = self.dir.join(TENANTS_DIR).join(name);
-        let reloader = Reloader::new(self.source(&dir), state.clone());
+        let reloader = Reloader::new(self.source(name, &dir), state.clone());
         let span = tracing::info_span!("tenant", tenant = %name);
         let reloads = reloader.run_without_watcher(span);
         // A reload may change the tenant's hosts.

@@ -611,6 +611,7 @@ impl Checker<'_> {
             project::ChannelKind::Twilio(_) | project::ChannelKind::Webhook(_) => return None,
         };
         Some(project::Service {
+            tenant: None,
             mcp_tool: None,
             name: format!("channel:{name}"),
             url: None,

@@ -132,6 +132,7 @@ impl Checker<'_> {
         let mcp_tool = self.service_kind(file, spec)?;
         Some(project::Service {
             mcp_tool,
+            tenant: None,
             name: service.name.value.clone(),
             url,
             url_variable,

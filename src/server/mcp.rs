@@ -412,14 +412,16 @@ impl ToolServer {
                     Some(json!({ "code": error.code, "trace_id": trace_id })),
                 )
             })?;
-        metrics::counter!(
-            prometheus::TOOL_CALLS_TOTAL,
-            "tool" => tool.name.clone(),
-            "caller" => caller.to_owned(),
-            "route" => outcome.route.clone(),
-            "decision" => outcome.decision.as_str(),
-        )
-        .increment(1);
+        let labels = prometheus::with_tenant(
+            self.state.tenant.as_deref(),
+            vec![
+                metrics::Label::new("tool", tool.name.clone()),
+                metrics::Label::new("caller", caller.to_owned()),
+                metrics::Label::new("route", outcome.route.clone()),
+                metrics::Label::new("decision", outcome.decision.as_str()),
+            ],
+        );
+        metrics::counter!(prometheus::TOOL_CALLS_TOTAL, labels).increment(1);
         let structured = json!({
             "reply_text": outcome.reply_text,
             "route": outcome.route,

@@ -96,6 +96,14 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// Installs the Prometheus recorder as the process's `metrics` recorder
 /// (once; later calls return the same handle) and registers the metrics
 /// that have no per-request labels, so they show from the start.
+/// `labels`, and `tenant` when the process serves several tenants.
+pub fn with_tenant(tenant: Option<&str>, mut labels: Vec<metrics::Label>) -> Vec<metrics::Label> {
+    if let Some(tenant) = tenant {
+        labels.push(metrics::Label::new("tenant", tenant.to_owned()));
+    }
+    labels
+}
+
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = || {

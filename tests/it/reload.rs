@@ -127,6 +127,7 @@ async fn serve_dir(
             .collect(),
         environment: Environment::Development,
         force_mock: false,
+        tenant: None,
     };
     let prepared = prepare(&source, 1).unwrap_or_else(|error| panic!("{:#?}", error.diagnostics));
     let http = http_client().unwrap();

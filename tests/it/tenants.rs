@@ -267,6 +267,32 @@ async fn each_tenant_answers_in_its_own_words_by_path_host_header_and_body() {
         "{body:#}"
     );
 
+    // The turns' metrics say their tenant.
+    let metrics = served
+        .client
+        .get(format!("http://127.0.0.1:{}/metrics", served.port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for tenant in ["sakura", "trattoria"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with("mcp_service_calls_total{")
+                    && line.contains(&format!("tenant=\"{tenant}\""))),
+            "no service call of {tenant} in {metrics}"
+        );
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with("mcp_requests_total{")
+                    && line.contains(&format!("tenant=\"{tenant}\""))),
+            "no request of {tenant}"
+        );
+    }
     let health = health(&served).await;
     assert_eq!(health["tenants"]["sakura"]["status"], "ok", "{health:#}");
     assert_eq!(health["tenants"]["trattoria"]["status"], "ok", "{health:#}");

@@ -584,6 +584,7 @@ async fn metrics_are_prometheus_text_naming_every_metric_of_the_dashboard() {
             variables: test_environment().into_iter().collect(),
             environment: Environment::Development,
             force_mock: false,
+            tenant: None,
         },
         harness.state.clone(),
     );
