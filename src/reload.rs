@@ -459,17 +459,7 @@ impl Reloader {
     /// The fingerprint once it has stayed the same for `DEBOUNCE` (or after
     /// a bounded number of tries, for files that never stop changing).
     async fn settle(&self) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
-        const MAX_TRIES: usize = 20;
-        let mut before = self.fingerprint();
-        for _ in 0..MAX_TRIES {
-            tokio::time::sleep(DEBOUNCE).await;
-            let now = self.fingerprint();
-            if now == before {
-                return now;
-            }
-            before = now;
-        }
-        before
+        settle(|| self.fingerprint()).await
     }
 
     fn watched_folders_identity(&self) -> Vec<(PathBuf, Option<(u64, u64)>)> {
@@ -507,6 +497,25 @@ fn identity_of(metadata: &std::fs::Metadata) -> (u64, u64) {
 }
 
 const MAX_FINGERPRINT_DEPTH: usize = 16;
+
+/// The fingerprint once it has stayed the same for `DEBOUNCE` (or after a
+/// bounded number of tries, for files that never stop changing): files
+/// being saved or a folder being copied in are never read half-way.
+pub async fn settle(
+    fingerprint: impl Fn() -> BTreeMap<PathBuf, (u64, Option<SystemTime>)>,
+) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    const MAX_TRIES: usize = 20;
+    let mut before = fingerprint();
+    for _ in 0..MAX_TRIES {
+        tokio::time::sleep(DEBOUNCE).await;
+        let now = fingerprint();
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+    before
+}
 
 /// Size and modification time of every file under `dir`.
 pub fn folder_fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {

@@ -337,12 +337,8 @@ async fn observe(request: Request, next: Next) -> Response {
         None => "none".to_owned(),
     };
     // Several tenants: each metric also says its tenant.
-    let with_tenant = |mut labels: Vec<metrics::Label>| {
-        if let Some(TenantLabel(tenant)) = &tenant {
-            labels.push(metrics::Label::new("tenant", tenant.to_string()));
-        }
-        labels
-    };
+    let tenant = tenant.as_ref().map(|TenantLabel(tenant)| &**tenant);
+    let with_tenant = |labels| prometheus::with_tenant(tenant, labels);
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
         let labels = with_tenant(vec![
             metrics::Label::new("endpoint", endpoint),
@@ -544,6 +540,23 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not accept that method",
     )
+}
+
+/// A body read whole, within `deadline` and `MAX_REQUEST_BYTES`: 408, 413
+/// or 400 otherwise.
+pub(crate) async fn read_body(
+    body: axum::body::Body,
+    deadline: tokio::time::Instant,
+) -> Result<bytes::Bytes, ApiError> {
+    match tokio::time::timeout_at(deadline, axum::body::to_bytes(body, MAX_REQUEST_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            Err(ApiError::unreadable_body(too_large))
+        }
+        Err(_) => Err(ApiError::request_timeout()),
+    }
 }
 
 /// A JSON object body, with every rejection in the problem+json shape.

@@ -42,8 +42,7 @@ use crate::intent::Classifier;
 use crate::load;
 use crate::reload::{self, Reloader, Source, WatchGuard};
 use crate::server::{
-    self, ApiError, AppState, Environment, MAX_REQUEST_BYTES, ReloadError, RuntimeSettings,
-    TenantLabel,
+    self, ApiError, AppState, Environment, ReloadError, RuntimeSettings, TenantLabel,
 };
 use crate::services::Transport;
 use crate::session::{SessionStore, TenantSessions};
@@ -258,7 +257,7 @@ impl Tenants {
                 let name = name.clone();
                 async move {
                     let settled = if settle_first {
-                        settle(&source.dir).await
+                        reload::settle(|| reload::folder_fingerprint(&source.dir)).await
                     } else {
                         reload::folder_fingerprint(&source.dir)
                     };
@@ -591,22 +590,6 @@ impl Drop for SupervisorGuard {
     }
 }
 
-/// Waits until the files under `dir` stop changing (a folder being copied
-/// in), for a bounded time; answers their fingerprint.
-async fn settle(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
-    const MAX_TRIES: usize = 20;
-    let mut before = reload::folder_fingerprint(dir);
-    for _ in 0..MAX_TRIES {
-        tokio::time::sleep(reload::DEBOUNCE).await;
-        let now = reload::folder_fingerprint(dir);
-        if now == before {
-            return now;
-        }
-        before = now;
-    }
-    before
-}
-
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
@@ -680,7 +663,7 @@ async fn dispatch(State(tenants): State<Arc<Tenants>>, mut request: Request) -> 
         .headers()
         .get(header::HOST)
         .and_then(|host| host.to_str().ok())
-        .map(|host| host_name(host).to_ascii_lowercase())
+        .map(|host| server::console::host_name(host).to_ascii_lowercase())
         .and_then(|host| live.hosts.get(&host).cloned())
     {
         return forward(&live, &tenant, request).await;
@@ -694,19 +677,10 @@ async fn dispatch(State(tenants): State<Arc<Tenants>>, mut request: Request) -> 
     }
     if request.method() == Method::POST && request.uri().path() == "/orchestrate" {
         let (parts, body) = request.into_parts();
-        let read = tokio::time::timeout(
-            tenants.shared.settings.request_timeout,
-            axum::body::to_bytes(body, MAX_REQUEST_BYTES),
-        )
-        .await;
-        let bytes = match read {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(error)) => {
-                let too_large = std::error::Error::source(&error)
-                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-                return ApiError::unreadable_body(too_large).into_response();
-            }
-            Err(_) => return ApiError::request_timeout().into_response(),
+        let deadline = tokio::time::Instant::now() + tenants.shared.settings.request_timeout;
+        let bytes = match server::read_body(body, deadline).await {
+            Ok(bytes) => bytes,
+            Err(error) => return error.into_response(),
         };
         #[derive(serde::Deserialize)]
         struct Named {
@@ -774,15 +748,6 @@ async fn forward(live: &Live, tenant: &Tenant, mut request: Request) -> Response
         .into_response(),
         None => response,
     }
-}
-
-/// `Host` without its port and trailing dot.
-fn host_name(host: &str) -> &str {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// `GET /health`: every tenant, served or not, with its reload status.
@@ -896,12 +861,5 @@ mod tests {
         assert!(!is_tenant_name("a:b"));
         assert!(!is_tenant_name(""));
         assert!(!is_tenant_name(&"a".repeat(64)));
-    }
-
-    #[test]
-    fn hosts_lose_port_and_dot() {
-        assert_eq!(host_name("brand-a.example.com:443"), "brand-a.example.com");
-        assert_eq!(host_name("brand-a.example.com."), "brand-a.example.com");
-        assert_eq!(host_name("[::1]:80"), "::1");
     }
 }

@@ -246,8 +246,9 @@ fn admit(state: &AppState, headers: &HeaderMap, peer: &Peer) -> Result<(), ApiEr
     }
 }
 
-/// `Host` without its port (and without the brackets of an IPv6 address).
-fn host_name(host: &str) -> &str {
+/// `Host` without its port and trailing dot (and without the brackets of
+/// an IPv6 address).
+pub(crate) fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
@@ -674,5 +675,8 @@ mod tests {
         assert_eq!(host_name("localhost:8080"), "localhost");
         assert_eq!(host_name("[::1]:8080"), "::1");
         assert_eq!(host_name("example.com"), "example.com");
+        assert_eq!(host_name("brand-a.example.com:443"), "brand-a.example.com");
+        assert_eq!(host_name("brand-a.example.com."), "brand-a.example.com");
+        assert_eq!(host_name("[::1]:80"), "::1");
     }
 }

@@ -143,16 +143,9 @@ pub async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Ne
     }
     drop(deployment);
     let (parts, body) = request.into_parts();
-    let read = tokio::time::timeout_at(deadline, axum::body::to_bytes(body, MAX_REQUEST_BYTES));
-    let bytes = match read.await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(error)) => {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            let error = ApiError::unreadable_body(too_large);
-            return labelled(error.into_response(), &name);
-        }
-        Err(_) => return labelled(ApiError::request_timeout().into_response(), &name),
+    let bytes = match super::read_body(body, deadline).await {
+        Ok(bytes) => bytes,
+        Err(error) => return labelled(error.into_response(), &name),
     };
     let mut request = Request::from_parts(parts, axum::body::Body::from(bytes));
     request.extensions_mut().insert(McpCaller {
