@@ -73,6 +73,16 @@ impl Caller<'_> {
         }
     }
 
+    /// The name, shared: a label of the request metrics.
+    pub fn label(&self) -> std::sync::Arc<str> {
+        static ANONYMOUS_LABEL: std::sync::LazyLock<std::sync::Arc<str>> =
+            std::sync::LazyLock::new(|| std::sync::Arc::from(ANONYMOUS));
+        match self {
+            Caller::Anonymous => ANONYMOUS_LABEL.clone(),
+            Caller::Key(key) => key.name.clone(),
+        }
+    }
+
     pub fn allows_channel(&self, channel: &str) -> bool {
         match self {
             Caller::Anonymous => true,

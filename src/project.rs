@@ -174,6 +174,16 @@ pub struct Service {
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     /// `kind: mcp`: the MCP tool a call runs (the body is its arguments).
     pub mcp_tool: Option<String>,
+    /// The handles of its call metrics, taken at its first call.
+    pub call_metrics: std::sync::OnceLock<CallMetrics>,
+}
+
+/// What a service's successful calls count and time themselves with (a
+/// failed call registers its outcome's counter, rarer, each time).
+#[derive(Debug, Clone)]
+pub struct CallMetrics {
+    pub ok: metrics::Counter,
+    pub duration: metrics::Histogram,
 }
 
 /// When a service's circuit opens, and for how long.
@@ -444,7 +454,8 @@ impl Access {
 /// A caller key: its name, shown everywhere, and its secret, shown nowhere.
 #[derive(Debug)]
 pub struct CallerKey {
-    pub name: String,
+    /// Shared with the request metrics' labels.
+    pub name: Arc<str>,
     pub digest: SecretDigest,
     /// The `channel` values it may send; `None`: any.
     pub channels: Option<Vec<String>>,

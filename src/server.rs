@@ -286,15 +286,15 @@ fn endpoint_label(path: &str) -> &'static str {
 /// What a turn was, for the request metrics (a response extension).
 #[derive(Debug, Clone)]
 struct TurnLabels {
-    route: String,
-    intent: String,
+    route: Arc<str>,
+    intent: Arc<str>,
 }
 
 /// The caller key's name (`anonymous` without keys, `none` when the
 /// request was refused before it was known), for the request metrics (a
 /// response extension).
 #[derive(Debug, Clone)]
-struct CallerLabel(String);
+pub struct CallerLabel(pub Arc<str>);
 
 /// The stable code of an error answer, for the request metrics (a response
 /// extension).
@@ -326,39 +326,79 @@ async fn observe(request: Request, next: Next) -> Response {
     if let Some(TenantLabel(tenant)) = &tenant {
         span.record("tenant", &**tenant);
     }
-    let response = next.run(request).instrument(span).await;
-    let status = response.status().as_u16().to_string();
-    let (route, intent) = match response.extensions().get::<TurnLabels>() {
-        Some(labels) => (labels.route.clone(), labels.intent.clone()),
-        None => ("none".to_owned(), "none".to_owned()),
+    let mut response = next.run(request).instrument(span).await;
+    let (route, intent) = match response.extensions_mut().remove::<TurnLabels>() {
+        Some(TurnLabels { route, intent }) => (route, intent),
+        None => (NONE_LABEL.clone(), NONE_LABEL.clone()),
     };
-    let caller = match response.extensions().get::<CallerLabel>() {
-        Some(CallerLabel(name)) => name.clone(),
-        None => "none".to_owned(),
+    let caller = match response.extensions_mut().remove::<CallerLabel>() {
+        Some(CallerLabel(name)) => name,
+        None => NONE_LABEL.clone(),
     };
     // Several tenants: each metric also says its tenant.
-    let tenant = tenant.as_ref().map(|TenantLabel(tenant)| &**tenant);
-    let with_tenant = |labels| prometheus::with_tenant(tenant, labels);
+    let tenant = tenant.map(|TenantLabel(tenant)| tenant);
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-        let labels = with_tenant(vec![
-            metrics::Label::new("endpoint", endpoint),
-            metrics::Label::new("code", *code),
-        ]);
+        let labels = prometheus::with_tenant(
+            tenant.as_deref(),
+            vec![
+                metrics::Label::new("endpoint", endpoint),
+                metrics::Label::new("code", *code),
+            ],
+        );
         metrics::counter!(prometheus::REQUEST_ERRORS_TOTAL, labels).increment(1);
     }
-    let labels = with_tenant(vec![
-        metrics::Label::new("endpoint", endpoint),
-        metrics::Label::new("caller", caller),
-        metrics::Label::new("route", route),
-        metrics::Label::new("intent", intent),
-        metrics::Label::new("status", status),
-    ]);
-    metrics::counter!(prometheus::REQUESTS_TOTAL, labels).increment(1);
-    let labels = with_tenant(vec![metrics::Label::new("endpoint", endpoint)]);
-    metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, labels)
-        .record(started.elapsed().as_secs_f64());
+    let key = RequestLabels {
+        endpoint,
+        caller,
+        route,
+        intent,
+        status: response.status().as_u16(),
+        tenant,
+    };
+    let (requests, duration) = REQUEST_METRICS.get(key, RequestLabels::register);
+    requests.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     response
 }
+
+/// The label value of what a request never reached (no turn, no caller).
+static NONE_LABEL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("none"));
+
+/// The labels of `mcp_requests_total` and `mcp_request_duration_seconds`.
+#[derive(PartialEq, Eq, Hash)]
+struct RequestLabels {
+    endpoint: &'static str,
+    caller: Arc<str>,
+    route: Arc<str>,
+    intent: Arc<str>,
+    status: u16,
+    tenant: Option<Arc<str>>,
+}
+
+impl RequestLabels {
+    fn register(&self) -> (metrics::Counter, metrics::Histogram) {
+        let tenant = self.tenant.as_deref();
+        let labels = prometheus::with_tenant(
+            tenant,
+            vec![
+                metrics::Label::new("endpoint", self.endpoint),
+                metrics::Label::new("caller", self.caller.to_string()),
+                metrics::Label::new("route", self.route.to_string()),
+                metrics::Label::new("intent", self.intent.to_string()),
+                metrics::Label::new("status", self.status.to_string()),
+            ],
+        );
+        let requests = metrics::counter!(prometheus::REQUESTS_TOTAL, labels);
+        let labels =
+            prometheus::with_tenant(tenant, vec![metrics::Label::new("endpoint", self.endpoint)]);
+        let duration = metrics::histogram!(prometheus::REQUEST_DURATION_SECONDS, labels);
+        (requests, duration)
+    }
+}
+
+static REQUEST_METRICS: std::sync::LazyLock<
+    prometheus::Handles<RequestLabels, (metrics::Counter, metrics::Histogram)>,
+> = std::sync::LazyLock::new(prometheus::Handles::new);
 
 /// An error answer: RFC 9457 problem details with a stable `code`.
 #[derive(Debug)]
@@ -638,7 +678,7 @@ async fn orchestrate(State(state): State<Arc<AppState>>, request: Request) -> Re
     };
     response
         .extensions_mut()
-        .insert(CallerLabel(caller.unwrap_or_else(|| "none".to_owned())));
+        .insert(CallerLabel(caller.unwrap_or_else(|| NONE_LABEL.clone())));
     response
 }
 
@@ -650,7 +690,7 @@ async fn orchestrate(State(state): State<Arc<AppState>>, request: Request) -> Re
 async fn run_orchestrate(
     state: &AppState,
     request: Request,
-    caller_name: &mut Option<String>,
+    caller_name: &mut Option<Arc<str>>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let deployment = state.deployment.load_full();
@@ -659,7 +699,7 @@ async fn run_orchestrate(
     let Some(caller) = admission::authenticate(&project.access, request.headers()) else {
         return Err(ApiError::unauthorized());
     };
-    *caller_name = Some(caller.name().to_owned());
+    *caller_name = Some(caller.label());
     span.record("caller", caller.name());
     let admission = state.admission.for_limits(&project.limits);
     admission
@@ -732,8 +772,8 @@ async fn run_orchestrate(
     let _in_flight = admission.enter().map_err(ApiError::refused)?;
     let outcome = run_logged_turn(state, &deployment, &request, deadline, started).await?;
     let labels = TurnLabels {
-        route: outcome.route.clone(),
-        intent: outcome.intent.clone(),
+        route: Arc::from(outcome.route.as_str()),
+        intent: Arc::from(outcome.intent.as_str()),
     };
     let envelope = Envelope {
         decision: outcome.decision,
@@ -1094,7 +1134,7 @@ pub(crate) fn health_json_with(
         "services": services,
         "mocked_services": mocked,
         "auth": if project.access.keys.is_empty() { "none" } else { "api_key" },
-        "caller_keys": project.access.keys.iter().map(|key| key.name.as_str()).collect::<Vec<_>>(),
+        "caller_keys": project.access.keys.iter().map(|key| &*key.name).collect::<Vec<_>>(),
         "metrics_auth": if project.access.metrics_key.is_some() { "api_key" } else { "none" },
         "limits": {
             "per_user": project.limits.per_user.map(rate_json),

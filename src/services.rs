@@ -684,22 +684,37 @@ pub async fn call(
 /// times it.
 fn record_call_metrics(service: &Service, error: Option<ServiceErrorCode>, elapsed: Duration) {
     use crate::telemetry::prometheus;
-    let outcome = error.map_or("ok", ServiceErrorCode::as_str);
     let tenant = service.tenant.as_deref();
-    let labels = prometheus::with_tenant(
-        tenant,
-        vec![
-            metrics::Label::new("service", service.name.clone()),
-            metrics::Label::new("outcome", outcome),
-        ],
-    );
-    metrics::counter!(prometheus::SERVICE_CALLS_TOTAL, labels).increment(1);
-    let labels = prometheus::with_tenant(
-        tenant,
-        vec![metrics::Label::new("service", service.name.clone())],
-    );
-    metrics::histogram!(prometheus::SERVICE_CALL_DURATION_SECONDS, labels)
-        .record(elapsed.as_secs_f64());
+    let counter = |outcome: &'static str| {
+        let labels = prometheus::with_tenant(
+            tenant,
+            vec![
+                metrics::Label::new("service", service.name.clone()),
+                metrics::Label::new("outcome", outcome),
+            ],
+        );
+        metrics::counter!(prometheus::SERVICE_CALLS_TOTAL, labels)
+    };
+    let register = || {
+        let labels = prometheus::with_tenant(
+            tenant,
+            vec![metrics::Label::new("service", service.name.clone())],
+        );
+        crate::project::CallMetrics {
+            ok: counter("ok"),
+            duration: metrics::histogram!(prometheus::SERVICE_CALL_DURATION_SECONDS, labels),
+        }
+    };
+    // Handles taken before the recorder is installed would record nowhere.
+    let handles = match prometheus::installed() {
+        true => service.call_metrics.get_or_init(register),
+        false => &register(),
+    };
+    match error {
+        None => handles.ok.increment(1),
+        Some(code) => counter(code.as_str()).increment(1),
+    }
+    handles.duration.record(elapsed.as_secs_f64());
 }
 
 fn set_status(slot: &std::sync::Mutex<Option<u16>>, status: u16) {

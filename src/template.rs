@@ -60,13 +60,40 @@ fn new_environment() -> Environment<'static> {
 fn money(value: minijinja::Value) -> Result<String, minijinja::Error> {
     match f64::try_from(value.clone()) {
         Ok(number) if value.kind() == minijinja::value::ValueKind::Number => {
-            Ok(format!("{number:.2}"))
+            Ok(two_decimals(number))
         }
         _ => Err(minijinja::Error::new(
             minijinja::ErrorKind::InvalidOperation,
             format!("`money` needs a number, not {}", value.kind()),
         )),
     }
+}
+
+/// `{number:.2}`, most often without its exact (and, for most binary
+/// fractions, bignum) rounding: when the shortest text that reads back as
+/// `number` has at most two decimals and `number` is below 2^45, it is the
+/// answer. That text is within half a unit in the last place of `number`,
+/// under 0.002 there, so no other two-decimal number is nearer to it.
+fn two_decimals(number: f64) -> String {
+    use std::fmt::Write as _;
+    /// 2^45: below it, a unit in the last place is at most 2^-8.
+    const EXACT_BELOW: f64 = 35_184_372_088_832.0;
+    let mut text = String::with_capacity(24);
+    if number.is_finite() && number.abs() < EXACT_BELOW {
+        let _ = write!(text, "{number}");
+        match text.find('.').map(|dot| text.len() - dot - 1) {
+            None => text.push_str(".00"),
+            Some(1) => text.push('0'),
+            Some(2) => {}
+            Some(_) => {
+                text.clear();
+                let _ = write!(text, "{number:.2}");
+            }
+        }
+        return text;
+    }
+    let _ = write!(text, "{number:.2}");
+    text
 }
 
 /// Names the environment defines globally; templates may use them freely.
@@ -307,6 +334,22 @@ impl JsonView {
     }
 }
 
+/// The member `key` of a JSON object. The objects of service answers are
+/// small, and under nine members comparing names costs less than hashing
+/// one (the order-preserving map hashes with SipHash); names are unique in
+/// the map, so both find the same member.
+fn member<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a serde_json::Value> {
+    if map.len() <= 8 {
+        map.iter()
+            .find_map(|(name, value)| (name == key).then_some(value))
+    } else {
+        map.get(key)
+    }
+}
+
 /// A JSON scalar as a template value; `None` for maps and lists.
 fn scalar(value: &serde_json::Value) -> Option<Value> {
     Some(match value {
@@ -352,7 +395,7 @@ impl Object for JsonView {
     }
 
     fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
-        self.child(|node| node.as_object()?.get(key))
+        self.child(|node| member(node.as_object()?, key))
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -442,6 +485,41 @@ mod tests {
         }
         let text = minijinja::context! { x => "6.50" };
         assert!(environment.render_str("{{ x | money }}", text).is_err());
+    }
+
+    #[test]
+    fn two_decimals_is_exact_rounding_on_and_off_its_fast_path() {
+        let mut numbers = vec![
+            0.0,
+            -0.0,
+            0.125,
+            0.375,
+            1.005,
+            1.015,
+            2.675,
+            1e-9,
+            35_184_372_088_831.99,
+            35_184_372_088_832.0,
+            35_184_372_088_832.5,
+            1e300,
+            -1e-300,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        // Cents, thirds, eighths and sevenths over six orders of magnitude,
+        // and values a hair off each cent.
+        for i in 0..200_000_i64 {
+            let i = i as f64;
+            numbers.extend([i / 100.0, i / 3.0, i / 8.0, i / 7.0 * 1e3, -i / 100.0]);
+            numbers.push(f64::from_bits((i / 100.0).to_bits() + 1));
+            numbers.push(f64::from_bits((i / 100.0).to_bits().saturating_sub(1)));
+        }
+        for number in numbers {
+            assert_eq!(two_decimals(number), format!("{number:.2}"), "{number:e}");
+        }
     }
     use serde_json::json;
 

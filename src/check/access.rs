@@ -122,7 +122,7 @@ impl Checker<'_> {
             }
             digests.push((digest.clone(), &key.name.value));
             compiled.keys.push(project::CallerKey {
-                name: key.name.value.clone(),
+                name: std::sync::Arc::from(key.name.value.as_str()),
                 digest,
                 channels,
                 console: key.console,

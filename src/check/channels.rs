@@ -624,6 +624,7 @@ impl Checker<'_> {
             response_schema: platform_answer_schema(kind),
             mock: None,
             circuit_breaker: None,
+            call_metrics: std::sync::OnceLock::new(),
         })
     }
 }

@@ -150,6 +150,7 @@ impl Checker<'_> {
             }),
             mock: mock?,
             circuit_breaker: circuit_breaker?,
+            call_metrics: std::sync::OnceLock::new(),
         })
     }
 

@@ -311,15 +311,32 @@ impl HeadScanner {
 
     /// Feeds bytes; true once the head holds both headers.
     fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &byte in bytes {
-            if self.done {
-                break;
-            }
-            self.seen += 1;
-            if self.seen > MAX_HEAD_BYTES {
+        let mut rest = bytes;
+        while !self.done && !rest.is_empty() {
+            if self.seen >= MAX_HEAD_BYTES {
                 self.done = true;
                 break;
             }
+            if self.line.len() >= Self::NAME_PREFIX {
+                // Past the name (or a long request line): skip to the end
+                // of the line at once, within what the head may still hold.
+                let room = (MAX_HEAD_BYTES - self.seen).min(rest.len());
+                match rest[..room].iter().position(|&byte| byte == b'\n') {
+                    // The line ends: its `\n` is read below.
+                    Some(end) => {
+                        self.seen += end;
+                        rest = &rest[end..];
+                    }
+                    None => {
+                        self.seen += room;
+                        rest = &rest[room..];
+                        continue;
+                    }
+                }
+            }
+            let byte = rest[0];
+            rest = &rest[1..];
+            self.seen += 1;
             match byte {
                 b'\n' => {
                     // A blank line after the request line ends the head.
@@ -496,6 +513,36 @@ mod tests {
         assert!(!scan(
             b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\ntransfer-encoding: chunked\r\n\r\n"
         ));
+    }
+
+    #[test]
+    fn long_lines_are_skipped_to_their_end_in_any_split() {
+        let value = "v".repeat(300);
+        let head = format!(
+            "POST /orchestrate/a/very/long/path/{value} HTTP/1.1\r\nX-Long: {value}\r\nContent-Length: 5\r\nX-Other-Quite-Long-Header-Name-Here: {value}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        let head = head.as_bytes();
+        assert!(scan(head));
+        for split in 1..head.len() {
+            let mut scanner = HeadScanner::default();
+            let first = scanner.feed(&head[..split]);
+            let second = scanner.feed(&head[split..]);
+            assert!(first || second, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn a_header_past_the_largest_head_is_not_read() {
+        let filler = "f".repeat(MAX_HEAD_BYTES);
+        let head = format!(
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nX-Filler: {filler}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert!(!scan(head.as_bytes()));
+        let mut scanner = HeadScanner::default();
+        for byte in head.as_bytes().chunks(7) {
+            assert!(!scanner.feed(byte));
+        }
+        assert!(scanner.done);
     }
 
     #[test]

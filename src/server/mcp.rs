@@ -158,7 +158,7 @@ pub async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Ne
 fn labelled(mut response: Response, caller: &str) -> Response {
     response
         .extensions_mut()
-        .insert(CallerLabel(caller.to_owned()));
+        .insert(CallerLabel(Arc::from(caller)));
     response
 }
 

@@ -125,6 +125,63 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
+/// Metric handles by the values of their labels, so a request or a service
+/// call counts itself through a handle instead of building its labels and
+/// looking them up in the recorder's registry (owned strings in a `Key`,
+/// hashed, a lock, a map) every time. Handles are kept only once the
+/// recorder is installed (one taken before would record nowhere for good),
+/// and for at most `MAX_CACHED_LABEL_SETS` label sets; past that, `register`
+/// runs each time.
+pub struct Handles<K, V> {
+    map: std::sync::RwLock<std::collections::HashMap<K, V>>,
+}
+
+/// Label sets `Handles` keeps: routes × intents × statuses × callers of a
+/// project are far fewer.
+pub const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+impl<K: std::hash::Hash + Eq, V: Clone> Handles<K, V> {
+    pub fn new() -> Self {
+        Handles {
+            map: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The handles for `key`, registered by `register` the first time.
+    pub fn get(&self, key: K, register: impl FnOnce(&K) -> V) -> V {
+        let read = self
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(handles) = read.get(&key) {
+            return handles.clone();
+        }
+        drop(read);
+        let handles = register(&key);
+        if installed() {
+            let mut map = self
+                .map
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.len() < MAX_CACHED_LABEL_SETS {
+                map.insert(key, handles.clone());
+            }
+        }
+        handles
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Default for Handles<K, V> {
+    fn default() -> Self {
+        Handles::new()
+    }
+}
+
+/// Whether `install` ran: handles taken before record nowhere.
+pub fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// The current metrics in Prometheus text format.
 pub fn render() -> String {
     install().render()
