@@ -14,6 +14,7 @@ use minijinja::Value;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::document::Document;
 use crate::intent::{Classification, Classifier};
 use crate::project::{
     Action, Call, CompiledProject, Decision, Flow, FlowId, Service, Step, StepSource,
@@ -604,7 +605,7 @@ impl<'a, 'd> Run<'a, 'd> {
                 step,
                 started_us,
                 request: body.cloned(),
-                response: outcome.result.as_ref().ok().cloned(),
+                response: outcome.result.as_ref().ok().map(Document::to_json),
                 span: outcome.span.clone(),
                 error: outcome
                     .result
@@ -790,7 +791,7 @@ impl<'a, 'd> Run<'a, 'd> {
         step: &Step,
         call: &Call,
         body: Option<&serde_json::Value>,
-    ) -> Result<serde_json::Value, ServiceError> {
+    ) -> Result<Document, ServiceError> {
         let project = self.deps.project;
         let service = project.service(call.service);
         let mode = &self.deps.modes[call.service.0 as usize];
@@ -947,7 +948,7 @@ fn log_call(project: &CompiledProject, service: &Service, body: Option<&serde_js
 fn log_outcome(
     project: &CompiledProject,
     span: &ServiceSpan,
-    result: Result<&serde_json::Value, &ServiceError>,
+    result: Result<&Document, &ServiceError>,
 ) {
     match result {
         Ok(answer) if telemetry::payloads_enabled() => tracing::debug!(
@@ -959,7 +960,7 @@ fn log_outcome(
             latency_ms = span.latency_ms,
             attempts = span.attempts,
             mock = span.mock,
-            payload = %telemetry::redact::redacted_text(answer, &project.redact),
+            payload = %telemetry::redact::redacted_text(&answer.to_json(), &project.redact),
             "Service answered"
         ),
         Ok(_) => tracing::debug!(

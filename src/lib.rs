@@ -9,6 +9,7 @@ pub mod admission;
 pub mod channels;
 pub mod check;
 pub mod diagnostic;
+pub mod document;
 pub mod engine;
 pub mod flowtest;
 pub mod graph;

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jsonschema::Validator;
+use jsonschema::json::{Json, SerdeJson};
 use regex::Regex;
 
+use crate::document::Answers;
 pub use crate::spec::{Decision, HttpMethod};
 use crate::template::{ExpressionId, TemplateId, Templates, ValueTemplate};
 
@@ -226,13 +228,16 @@ pub struct RetryPolicy {
     pub backoff: Duration,
 }
 
-pub struct ResponseSchema {
+/// A schema file compiled for what it checks: service answers as parsed
+/// (`document::Answers`, the default) or, for a webhook's payload,
+/// `serde_json` values.
+pub struct ResponseSchema<F: Json = Answers> {
     /// File name under `schemas/`.
     pub file: String,
-    pub validator: Arc<Validator>,
+    pub validator: Arc<Validator<F>>,
 }
 
-impl fmt::Debug for ResponseSchema {
+impl<F: Json> fmt::Debug for ResponseSchema<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseSchema")
             .field("file", &self.file)
@@ -660,7 +665,7 @@ pub struct TwilioChannel {
 pub struct WebhookChannel {
     pub verify: WebhookVerify,
     /// The payload's schema, when declared.
-    pub schema: Option<ResponseSchema>,
+    pub schema: Option<ResponseSchema<SerdeJson>>,
     pub text: TemplateId,
     pub user_id: TemplateId,
     pub conversation: Option<TemplateId>,

@@ -17,6 +17,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::document::Document;
 use crate::project::{HttpMethod, Service};
 
 mod circuit_breaker;
@@ -537,7 +538,7 @@ pub struct ServiceSpan {
 
 #[derive(Debug)]
 pub struct CallOutcome {
-    pub result: Result<serde_json::Value, ServiceError>,
+    pub result: Result<Document, ServiceError>,
     pub span: ServiceSpan,
 }
 
@@ -804,11 +805,7 @@ fn transport_error(
 }
 
 /// Status, JSON, unwrap, schema: the answer as the flow will see it.
-fn interpret(
-    service: &Service,
-    status: u16,
-    body: Bytes,
-) -> Result<serde_json::Value, ServiceError> {
+fn interpret(service: &Service, status: u16, body: Bytes) -> Result<Document, ServiceError> {
     if !(200..300).contains(&status) {
         let code = if status == 503 {
             ServiceErrorCode::ServiceUnavailable
@@ -831,7 +828,7 @@ fn interpret(
             cut_by_deadline: false,
         });
     }
-    let mut value = parse_json(&body).map_err(|error| ServiceError {
+    let mut value: Document = parse_json(&body).map_err(|error| ServiceError {
         status: Some(status),
         ..ServiceError::new(
             ServiceErrorCode::ServiceBadResponse,
@@ -839,7 +836,7 @@ fn interpret(
         )
     })?;
     if service.unwrap_first
-        && let serde_json::Value::Array(items) = &mut value
+        && let Document::Array(items) = &mut value
     {
         if items.is_empty() {
             return Err(ServiceError {
@@ -879,7 +876,7 @@ fn interpret(
 /// Parses a JSON document. The bytes are checked to be UTF-8 once, as a
 /// whole, and parsed as text: parsing bytes would check every string
 /// again on its own.
-pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let text = std::str::from_utf8(bytes).map_err(|error| {
         format!(
             "invalid UTF-8 at byte {} of {}",

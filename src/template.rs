@@ -18,6 +18,8 @@ use minijinja::{Environment, Error, Expression, Template, UndefinedBehavior, Val
 use regex::Regex;
 use yoke::Yoke;
 
+use crate::document::Document;
+
 /// Instructions one render may execute before it is stopped, so that no
 /// template can spin forever.
 pub const TEMPLATE_FUEL: u64 = 50_000;
@@ -296,33 +298,46 @@ impl Templates {
 /// when a template reaches them, and its scalars converted when read. A
 /// service answer is often larger than what its flow reads. Maps keep the
 /// document's key order.
-pub fn json_document(document: serde_json::Value) -> Value {
+pub fn json_document<D: Tree>(document: D) -> Value {
     JsonView(Yoke::attach_to_cart(Arc::new(document), |value| value)).into_value()
+}
+
+/// A JSON tree templates read in place: a service answer (`Document`) or
+/// a `serde_json` value (the request, the session, a webhook's payload).
+pub trait Tree: fmt::Debug + Send + Sync + 'static {
+    /// A scalar as a template value; `None` for maps and lists.
+    fn scalar(&self) -> Option<Value>;
+    fn is_list(&self) -> bool;
+    fn is_map(&self) -> bool;
+    /// Members of a map, items of a list, 0 for a scalar.
+    fn size(&self) -> usize;
+    fn item(&self, index: usize) -> Option<&Self>;
+    fn member(&self, name: &str) -> Option<&Self>;
+    /// A map's names, in its order.
+    fn names(&self) -> Box<dyn Iterator<Item = Value> + Send + Sync + '_>;
+    fn to_json(&self) -> serde_json::Value;
 }
 
 /// A node of a shared JSON document (see `json_document`).
 #[derive(Clone)]
-struct JsonView(Yoke<&'static serde_json::Value, Arc<serde_json::Value>>);
+struct JsonView<D: Tree>(Yoke<&'static D, Arc<D>>);
 
-impl JsonView {
-    fn node(&self) -> &serde_json::Value {
+impl<D: Tree> JsonView<D> {
+    fn node(&self) -> &D {
         self.0.get()
     }
 
     fn into_value(self) -> Value {
-        match scalar(self.node()) {
+        match self.node().scalar() {
             Some(value) => value,
             None => Value::from_object(self),
         }
     }
 
     /// The child `pick` finds, as a template value.
-    fn child(
-        &self,
-        pick: impl for<'a> Fn(&'a serde_json::Value) -> Option<&'a serde_json::Value>,
-    ) -> Option<Value> {
+    fn child(&self, pick: impl for<'a> Fn(&'a D) -> Option<&'a D>) -> Option<Value> {
         let child = pick(self.node())?;
-        if let Some(value) = scalar(child) {
+        if let Some(value) = child.scalar() {
             return Some(value);
         }
         // A map or a list: a view sharing the document. `pick` found it
@@ -334,98 +349,185 @@ impl JsonView {
     }
 }
 
-/// The member `key` of a JSON object. The objects of service answers are
-/// small, and under nine members comparing names costs less than hashing
-/// one (the order-preserving map hashes with SipHash); names are unique in
-/// the map, so both find the same member.
-fn member<'a>(
-    map: &'a serde_json::Map<String, serde_json::Value>,
-    key: &str,
-) -> Option<&'a serde_json::Value> {
-    if map.len() <= 8 {
-        map.iter()
-            .find_map(|(name, value)| (name == key).then_some(value))
-    } else {
-        map.get(key)
+impl Tree for serde_json::Value {
+    fn scalar(&self) -> Option<Value> {
+        Some(match self {
+            serde_json::Value::Null => Value::from(()),
+            serde_json::Value::Bool(flag) => Value::from(*flag),
+            serde_json::Value::Number(number) => number_value(number),
+            serde_json::Value::String(text) => Value::from(text.as_str()),
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) => return None,
+        })
+    }
+
+    fn is_list(&self) -> bool {
+        self.is_array()
+    }
+
+    fn is_map(&self) -> bool {
+        self.is_object()
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            serde_json::Value::Object(map) => map.len(),
+            serde_json::Value::Array(items) => items.len(),
+            _ => 0,
+        }
+    }
+
+    fn item(&self, index: usize) -> Option<&Self> {
+        self.as_array()?.get(index)
+    }
+
+    /// The objects read here are small, and under nine members comparing
+    /// names costs less than hashing one (the order-preserving map hashes
+    /// with SipHash); names are unique in the map, so both find the same
+    /// member.
+    fn member(&self, name: &str) -> Option<&Self> {
+        let map = self.as_object()?;
+        if map.len() <= 8 {
+            map.iter()
+                .find_map(|(member, value)| (member == name).then_some(value))
+        } else {
+            map.get(name)
+        }
+    }
+
+    fn names(&self) -> Box<dyn Iterator<Item = Value> + Send + Sync + '_> {
+        match self {
+            serde_json::Value::Object(map) => {
+                Box::new(map.keys().map(|key| Value::from(key.as_str())))
+            }
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.clone()
     }
 }
 
-/// A JSON scalar as a template value; `None` for maps and lists.
-fn scalar(value: &serde_json::Value) -> Option<Value> {
-    Some(match value {
-        serde_json::Value::Null => Value::from(()),
-        serde_json::Value::Bool(flag) => Value::from(*flag),
-        serde_json::Value::Number(number) => {
-            if let Some(unsigned) = number.as_u64() {
-                Value::from(unsigned)
-            } else if let Some(signed) = number.as_i64() {
-                Value::from(signed)
-            } else {
-                Value::from(number.as_f64().unwrap_or(f64::NAN))
-            }
+impl Tree for Document {
+    fn scalar(&self) -> Option<Value> {
+        Some(match self {
+            Document::Null => Value::from(()),
+            Document::Bool(flag) => Value::from(*flag),
+            Document::Number(number) => number_value(number),
+            Document::String(text) => Value::from(text.as_str()),
+            Document::Array(_) | Document::Object(_) => return None,
+        })
+    }
+
+    fn is_list(&self) -> bool {
+        matches!(self, Document::Array(_))
+    }
+
+    fn is_map(&self) -> bool {
+        matches!(self, Document::Object(_))
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Document::Object(map) => map.len(),
+            Document::Array(items) => items.len(),
+            _ => 0,
         }
-        serde_json::Value::String(text) => Value::from(text.as_str()),
-        serde_json::Value::Array(_) | serde_json::Value::Object(_) => return None,
-    })
+    }
+
+    fn item(&self, index: usize) -> Option<&Self> {
+        match self {
+            Document::Array(items) => items.get(index),
+            _ => None,
+        }
+    }
+
+    fn member(&self, name: &str) -> Option<&Self> {
+        match self {
+            Document::Object(map) => map.get(name),
+            _ => None,
+        }
+    }
+
+    fn names(&self) -> Box<dyn Iterator<Item = Value> + Send + Sync + '_> {
+        match self {
+            Document::Object(map) => Box::new(map.iter().map(|(name, _)| Value::from(name))),
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        Document::to_json(self)
+    }
 }
 
-impl fmt::Debug for JsonView {
+/// A JSON number as a template value: an integer when it is one.
+fn number_value(number: &serde_json::Number) -> Value {
+    if let Some(unsigned) = number.as_u64() {
+        Value::from(unsigned)
+    } else if let Some(signed) = number.as_i64() {
+        Value::from(signed)
+    } else {
+        Value::from(number.as_f64().unwrap_or(f64::NAN))
+    }
+}
+
+impl<D: Tree> fmt::Debug for JsonView<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.node(), f)
     }
 }
 
-impl Object for JsonView {
+impl<D: Tree> Object for JsonView<D> {
     fn repr(self: &Arc<Self>) -> ObjectRepr {
-        match self.node() {
-            serde_json::Value::Array(_) => ObjectRepr::Seq,
-            _ => ObjectRepr::Map,
+        if self.node().is_list() {
+            ObjectRepr::Seq
+        } else {
+            ObjectRepr::Map
         }
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        match self.node() {
-            serde_json::Value::Object(_) => self.get_value_by_str(key.as_str()?),
-            serde_json::Value::Array(_) => {
-                let index = key.as_usize()?;
-                self.child(|node| node.as_array()?.get(index))
-            }
-            _ => None,
+        let node = self.node();
+        if node.is_map() {
+            self.get_value_by_str(key.as_str()?)
+        } else if node.is_list() {
+            let index = key.as_usize()?;
+            self.child(|node| node.item(index))
+        } else {
+            None
         }
     }
 
     fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
-        self.child(|node| member(node.as_object()?, key))
+        self.child(|node| node.member(key))
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        match self.node() {
-            serde_json::Value::Object(_) => self.mapped_enumerator(|this| match this.node() {
-                serde_json::Value::Object(map) => {
-                    Box::new(map.keys().map(|key| Value::from(key.as_str())))
-                }
-                _ => Box::new(std::iter::empty()),
-            }),
+        let node = self.node();
+        if node.is_map() {
+            self.mapped_enumerator(|this| this.node().names())
+        } else if node.is_list() {
             // By index through `get_value`: a sequence of known length, so
             // `loop.length`, `loop.last` and `|last` work as on any list.
-            serde_json::Value::Array(items) => Enumerator::Seq(items.len()),
-            _ => Enumerator::Empty,
+            Enumerator::Seq(node.size())
+        } else {
+            Enumerator::Empty
         }
     }
 
     fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
-        match self.node() {
-            serde_json::Value::Object(map) => Some(map.len()),
-            serde_json::Value::Array(items) => Some(items.len()),
-            _ => Some(0),
-        }
+        Some(self.node().size())
     }
 }
 
 /// The JSON a template value stands for: a document view as it is in the
 /// document (numbers keep their exact type), anything else serialized.
 pub fn to_json(value: &Value) -> Result<serde_json::Value, Error> {
-    if let Some(view) = value.downcast_object_ref::<JsonView>() {
+    if let Some(view) = value.downcast_object_ref::<JsonView<Document>>() {
+        return Ok(view.node().to_json());
+    }
+    if let Some(view) = value.downcast_object_ref::<JsonView<serde_json::Value>>() {
         return Ok(view.node().clone());
     }
     serde_json::to_value(value)

@@ -654,7 +654,9 @@ fn platform_answer_schema(kind: &project::ChannelKind) -> Option<project::Respon
         "required": ["ok"],
         "properties": { "ok": { "const": true } }
     });
-    let validator = jsonschema::validator_for(&schema).ok()?;
+    let validator = jsonschema::options_for::<crate::document::Answers>()
+        .build(&schema)
+        .ok()?;
     Some(project::ResponseSchema {
         file: format!("the {} API's answer", kind.as_str()),
         validator: std::sync::Arc::new(validator),

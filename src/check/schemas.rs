@@ -9,6 +9,7 @@ use jsonschema::Validator;
 use serde_json::Value as Json;
 
 use crate::diagnostic::{Code, Diagnostic, Location, did_you_mean};
+use crate::document::Answers;
 use crate::load::SCHEMAS_DIR;
 use crate::spec::{self, Position};
 
@@ -148,6 +149,26 @@ impl Checker<'_> {
             json: Arc::new(json),
             validator: Arc::new(validator),
         })
+    }
+
+    /// `schema` compiled for service answers as parsed
+    /// (`document::Answers`): the same keywords, another representation.
+    pub(super) fn answers_validator(
+        &mut self,
+        file_name: &str,
+        schema: &SchemaFile,
+    ) -> Option<Arc<Validator<Answers>>> {
+        match jsonschema::options_for::<Answers>().build(&schema.json) {
+            Ok(validator) => Some(Arc::new(validator)),
+            Err(error) => {
+                self.push(Diagnostic::error(
+                    Code::SchemaInvalid,
+                    Location::file(Path::new(SCHEMAS_DIR).join(file_name)),
+                    format!("schema `{file_name}` cannot be compiled: {error}"),
+                ));
+                None
+            }
+        }
     }
 
     pub(super) fn request_schema(&mut self) -> Option<Arc<Validator>> {

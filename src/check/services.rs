@@ -130,6 +130,13 @@ impl Checker<'_> {
             return None;
         }
         let mcp_tool = self.service_kind(file, spec)?;
+        let response_schema = match response_schema? {
+            Some((file, schema)) => Some(project::ResponseSchema {
+                validator: self.answers_validator(&file, &schema)?,
+                file,
+            }),
+            None => None,
+        };
         Some(project::Service {
             mcp_tool,
             tenant: None,
@@ -144,10 +151,7 @@ impl Checker<'_> {
             timeout: timeout?,
             retry: retry?,
             unwrap_first,
-            response_schema: response_schema?.map(|(file, schema)| project::ResponseSchema {
-                file,
-                validator: schema.validator.clone(),
-            }),
+            response_schema,
             mock: mock?,
             circuit_breaker: circuit_breaker?,
             call_metrics: std::sync::OnceLock::new(),
