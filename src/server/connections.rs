@@ -283,7 +283,7 @@ impl ConnectionWatch {
         state.waiting_since = Instant::now();
         state.served = true;
         state.head_started = None;
-        state.scanner = HeadScanner::default();
+        state.scanner.reset();
         drop(state);
         self.busy.fetch_sub(1, Ordering::AcqRel);
         self.changed.notify_one();
@@ -317,11 +317,22 @@ impl HeadScanner {
                 self.done = true;
                 break;
             }
+            let room = (MAX_HEAD_BYTES - self.seen).min(rest.len());
+            if self.line.is_empty()
+                && let Some(end) = memchr::memchr(b'\n', &rest[..room])
+            {
+                // A whole line from its start, as most arrive: read where it
+                // lies instead of byte by byte.
+                let (line, after) = rest.split_at(end);
+                self.whole_line(line);
+                self.seen += end + 1;
+                rest = after.get(1..).unwrap_or_default();
+                continue;
+            }
             if self.line.len() >= Self::NAME_PREFIX {
                 // Past the name (or a long request line): skip to the end
                 // of the line at once, within what the head may still hold.
-                let room = (MAX_HEAD_BYTES - self.seen).min(rest.len());
-                match rest[..room].iter().position(|&byte| byte == b'\n') {
+                match memchr::memchr(b'\n', &rest[..room]) {
                     // The line ends: its `\n` is read below.
                     Some(end) => {
                         self.seen += end;
@@ -366,6 +377,50 @@ impl HeadScanner {
             }
         }
         self.content_length && self.transfer_encoding
+    }
+
+    /// One whole line (without its `\n`), read as `feed` reads one byte by
+    /// byte: `\r` counts for nothing, and the name is what comes before
+    /// the first `:` among the line's first `NAME_PREFIX` other bytes.
+    fn whole_line(&mut self, line: &[u8]) {
+        if line.iter().all(|&byte| byte == b'\r') {
+            // A blank line after the request line ends the head.
+            if self.lines > 0 {
+                self.done = true;
+            }
+            return;
+        }
+        self.lines += 1;
+        let mut name = [0u8; Self::NAME_PREFIX];
+        let mut length = 0;
+        for &byte in line {
+            if byte == b'\r' {
+                continue;
+            }
+            if length == Self::NAME_PREFIX {
+                return;
+            }
+            if byte == b':' {
+                match name[..length].trim_ascii() {
+                    b"content-length" => self.content_length = true,
+                    b"transfer-encoding" => self.transfer_encoding = true,
+                    _ => {}
+                }
+                return;
+            }
+            name[length] = byte.to_ascii_lowercase();
+            length += 1;
+        }
+    }
+
+    /// Ready for the next head, keeping the line's buffer.
+    fn reset(&mut self) {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        *self = HeadScanner {
+            line,
+            ..HeadScanner::default()
+        };
     }
 }
 
@@ -543,6 +598,47 @@ mod tests {
             assert!(!scanner.feed(byte));
         }
         assert!(scanner.done);
+    }
+
+    /// Whole lines read at once find what byte-by-byte reading finds.
+    #[test]
+    fn whole_lines_read_as_single_bytes_do() {
+        let heads: [&[u8]; 9] = [
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-\rLength: 5\r\nTransfer-Encoding\r: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\n  content-length  : 5\r\n\ttransfer-encoding\t: x\r\n\r\n",
+            b"\r\n\r\r\nPOST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nX-Padding-Padding-Padding-Pad: 1\r\nContent-Length: 5\r\nX-Padding-Padding-Padding-Padd:transfer-encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\n                 content-length: 5\r\n               transfer-encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        ];
+        for head in heads {
+            let whole = scan(head);
+            let mut scanner = HeadScanner::default();
+            let mut bytewise = false;
+            for byte in head {
+                bytewise |= scanner.feed(std::slice::from_ref(byte));
+            }
+            assert_eq!(whole, bytewise, "{}", String::from_utf8_lossy(head));
+        }
+        assert!(scan(heads[1]) && scan(heads[2]) && scan(heads[3]));
+        assert!(!scan(heads[4]) && !scan(heads[5]) && !scan(heads[6]) && !scan(heads[7]));
+        // A name ends within the line's first `NAME_PREFIX` bytes or is none.
+        let mut scanner = HeadScanner::default();
+        scanner.feed(heads[6]);
+        assert!(scanner.content_length && !scanner.transfer_encoding);
+    }
+
+    #[test]
+    fn a_reset_scanner_reads_the_next_head_afresh() {
+        let mut scanner = HeadScanner::default();
+        assert!(!scanner.feed(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
+        assert!(scanner.done);
+        scanner.reset();
+        assert!(!scanner.done && !scanner.content_length);
+        assert!(!scanner.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
     }
 
     #[test]
