@@ -8,6 +8,7 @@
 //! it runs was proven consistent by `check`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures_util::future::{BoxFuture, join_all};
 use minijinja::Value;
@@ -420,26 +421,23 @@ fn map_value<const N: usize>(entries: [(&str, Value); N]) -> Value {
     )
 }
 
-/// The template context of a turn. Templates see it as one map value,
-/// built once and reused until the next change (a call's result, a `set`,
-/// a `foreach` element), not rebuilt for every template.
+/// The template context of a turn. Templates see it as one map value that
+/// shares the map: a change (a call's result, a `set`, a `foreach`
+/// element) copies it only while a template value still holds it, which
+/// after a render or an evaluation none does.
 struct Context {
-    values: BTreeMap<String, Value>,
-    snapshot: std::sync::OnceLock<Value>,
+    values: Arc<BTreeMap<String, Value>>,
 }
 
 impl Context {
     fn new(values: BTreeMap<String, Value>) -> Context {
         Context {
-            values,
-            snapshot: std::sync::OnceLock::new(),
+            values: Arc::new(values),
         }
     }
 
     fn value(&self) -> Value {
-        self.snapshot
-            .get_or_init(|| Value::from(self.values.clone()))
-            .clone()
+        Value::from_dyn_object(self.values.clone())
     }
 
     fn get(&self, name: &str) -> Option<&Value> {
@@ -447,13 +445,11 @@ impl Context {
     }
 
     fn set(&mut self, name: String, value: Value) -> Option<Value> {
-        self.snapshot = std::sync::OnceLock::new();
-        self.values.insert(name, value)
+        Arc::make_mut(&mut self.values).insert(name, value)
     }
 
     fn take(&mut self, name: &str) -> Option<Value> {
-        self.snapshot = std::sync::OnceLock::new();
-        self.values.remove(name)
+        Arc::make_mut(&mut self.values).remove(name)
     }
 }
 
