@@ -192,6 +192,10 @@ impl TemplatesBuilder {
     pub fn finish(self) -> Result<Templates, Error> {
         let template_count = self.template_count;
         let expression_sources = self.expression_sources;
+        let paths = expression_sources
+            .iter()
+            .map(|source| plain_path(source))
+            .collect();
         drop(self.templates_by_source);
         drop(self.expressions_by_source);
         let cell = TemplateCell::try_new(self.environment, |environment| {
@@ -207,8 +211,55 @@ impl TemplatesBuilder {
                 expressions,
             })
         })?;
-        Ok(Templates { cell })
+        Ok(Templates { cell, paths })
     }
+}
+
+/// The names of an expression that only reads a variable (`user_id`,
+/// `menu.categories`): names joined by dots, none a literal or an operator.
+fn plain_path(source: &str) -> Option<Box<[Box<str>]>> {
+    let names: Vec<&str> = source.trim().split('.').collect();
+    let plain = names.iter().all(|name| {
+        let mut characters = name.chars();
+        characters
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+            && characters.all(|character| character.is_ascii_alphanumeric() || character == '_')
+            && !matches!(
+                *name,
+                "true"
+                    | "false"
+                    | "none"
+                    | "True"
+                    | "False"
+                    | "None"
+                    | "and"
+                    | "or"
+                    | "not"
+                    | "in"
+                    | "is"
+                    | "if"
+                    | "else"
+            )
+    });
+    plain.then(|| names.into_iter().map(Box::from).collect())
+}
+
+/// A plain path read from the context as minijinja reads it, when every
+/// step finds a value; `None` leaves the expression to minijinja, which
+/// decides what a missing step means (a global, undefined, an error).
+fn read_path(context: &Value, path: &[Box<str>]) -> Option<Value> {
+    let mut value = context.clone();
+    for name in path {
+        value = value.get_attr(name).ok()?;
+        if matches!(
+            value.kind(),
+            minijinja::value::ValueKind::Undefined | minijinja::value::ValueKind::Invalid
+        ) {
+            return None;
+        }
+    }
+    Some(value)
 }
 
 struct Compiled<'environment> {
@@ -227,6 +278,10 @@ self_cell::self_cell!(
 /// Every compiled template and expression of a project.
 pub struct Templates {
     cell: TemplateCell,
+    /// Per expression, its names when it only reads a variable: read
+    /// without starting minijinja's machine, which costs more than the
+    /// lookup itself (a call body's `{{ user_id }}`).
+    paths: Vec<Option<Box<[Box<str>]>>>,
 }
 
 impl fmt::Debug for Templates {
@@ -250,6 +305,11 @@ impl Templates {
     }
 
     pub fn evaluate(&self, id: ExpressionId, context: &Value) -> Result<Value, Error> {
+        if let Some(Some(path)) = self.paths.get(id.0 as usize)
+            && let Some(value) = read_path(context, path)
+        {
+            return Ok(value);
+        }
         self.cell.with_dependent(
             |_, compiled| match compiled.expressions.get(id.0 as usize) {
                 Some(expression) => expression.eval(context),
@@ -563,6 +623,73 @@ pub fn has_template_syntax(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Expressions that only read a variable give what minijinja gives,
+    /// and the rest still go to minijinja.
+    #[test]
+    fn plain_paths_read_what_minijinja_reads() {
+        let sources = [
+            "user_id",
+            " menu.categories ",
+            "menu.output.text",
+            "menu.output",
+            "menu.missing",
+            "menu.missing.deeper",
+            "missing",
+            "range",
+            "none",
+            "true",
+            "session.name",
+            "input.list",
+            "nothing",
+            "user_id.length",
+            "menu.categories.0",
+            "menu.output.text | upper",
+        ];
+        let mut builder = TemplatesBuilder::default();
+        let ids: Vec<ExpressionId> = sources
+            .iter()
+            .map(|source| builder.add_expression(source).unwrap().0)
+            .collect();
+        let templates = builder.finish().unwrap();
+        let answer = Document::parse(
+            br#"{"categories": [{"name": "Mains"}], "output": {"text": "Hi"}, "n": 1}"#,
+        )
+        .unwrap();
+        let context = Value::from(std::collections::BTreeMap::from([
+            ("user_id".to_owned(), Value::from("u-1")),
+            ("menu".to_owned(), json_document(answer)),
+            (
+                "session".to_owned(),
+                json_document(serde_json::json!({"name": "Ada"})),
+            ),
+            (
+                "input".to_owned(),
+                json_document(serde_json::json!({"list": [1, 2]})),
+            ),
+            ("nothing".to_owned(), Value::from(())),
+        ]));
+        let environment = new_environment();
+        for (source, id) in sources.iter().zip(ids) {
+            let fast = templates.evaluate(id, &context);
+            let full = environment
+                .compile_expression(source)
+                .unwrap()
+                .eval(&context);
+            match (fast, full) {
+                (Ok(fast), Ok(full)) => {
+                    assert_eq!(fast, full, "{source}");
+                    assert_eq!(fast.kind(), full.kind(), "{source}");
+                }
+                (Err(fast), Err(full)) => assert_eq!(fast.kind(), full.kind(), "{source}"),
+                (fast, full) => panic!("{source}: {fast:?} against {full:?}"),
+            }
+        }
+        assert!(plain_path("menu.output.text").is_some());
+        for not_plain in ["true", "a.none", "a..b", "a.0", "a b", "a|b", "", "a.", "é"] {
+            assert!(plain_path(not_plain).is_none(), "{not_plain}");
+        }
+    }
 
     #[test]
     fn money_writes_what_printf_writes_for_every_number() {
