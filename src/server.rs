@@ -668,6 +668,112 @@ pub struct Envelope {
     pub data: Option<Json>,
 }
 
+impl Envelope {
+    /// The envelope as `serde_json` writes it, byte for byte, with its
+    /// strings (the reply is most of the answer) escaped by
+    /// `write_json_string`.
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(384 + self.reply_text.len());
+        out.extend_from_slice(b"{\"decision\":");
+        serde_json::to_writer(&mut out, &self.decision)?;
+        for (name, text) in [
+            ("reply_text", &self.reply_text),
+            ("session_id", &self.session_id),
+            ("route", &self.route),
+            ("intent", &self.intent),
+        ] {
+            field_name(&mut out, name);
+            write_json_string(&mut out, text);
+        }
+        field_name(&mut out, "intent_confidence");
+        serde_json::to_writer(&mut out, &self.intent_confidence)?;
+        field_name(&mut out, "trace_id");
+        write_json_string(&mut out, &self.trace_id);
+        field_name(&mut out, "service_spans");
+        serde_json::to_writer(&mut out, &self.service_spans)?;
+        field_name(&mut out, "data");
+        serde_json::to_writer(&mut out, &self.data)?;
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
+/// `,"name":`
+fn field_name(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// A JSON string as `serde_json` writes it: `"` and `\` escaped, the
+/// control characters as `\n`, `\t`... or `\u00XX`, everything else as
+/// it is. Eight bytes are checked at once while none needs escaping (its
+/// own loop looks at every byte).
+pub fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    /// Whether a byte of `word` is zero (exact as a yes or no).
+    fn has_zero(word: u64) -> u64 {
+        word.wrapping_sub(ONES) & !word & HIGHS
+    }
+    let bytes = text.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        if let Some(chunk) = bytes
+            .get(at..at + 8)
+            .and_then(|chunk| <[u8; 8]>::try_from(chunk).ok())
+        {
+            let word = u64::from_le_bytes(chunk);
+            // A byte below 0x20, or a `"`, or a `\`.
+            let control = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
+            if control
+                | has_zero(word ^ (ONES * u64::from(b'"')))
+                | has_zero(word ^ (ONES * u64::from(b'\\')))
+                == 0
+            {
+                at += 8;
+                continue;
+            }
+        }
+        let Some(&byte) = bytes.get(at) else {
+            break;
+        };
+        let plain = bytes.get(start..at).unwrap_or_default();
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(plain);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4) & 0xf]);
+                out.push(HEX[usize::from(byte & 0xf)]);
+                at += 1;
+                start = at;
+                continue;
+            }
+            _ => {
+                at += 1;
+                continue;
+            }
+        };
+        out.extend_from_slice(plain);
+        out.extend_from_slice(escape);
+        at += 1;
+        start = at;
+    }
+    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
+    out.push(b'"');
+}
+
 /// `POST /orchestrate`. The answer carries the caller's name for the
 /// request metrics, whatever its fate.
 async fn orchestrate(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -786,7 +892,22 @@ async fn run_orchestrate(
         service_spans: outcome.service_spans,
         data: outcome.data,
     };
-    let mut response = axum::Json(envelope).into_response();
+    let mut response = match envelope.to_json() {
+        Ok(body) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(error) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the answer cannot be written as JSON: {error}"),
+        )
+        .into_response(),
+    };
     if let Ok(value) = HeaderValue::from_str(&request.trace_id) {
         response.headers_mut().insert("x-trace-id", value);
     }
@@ -1286,4 +1407,78 @@ pub async fn serve(
         closing.events.close();
     };
     connections::serve(listener, app(state), settings, shutdown, grace).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        let mut texts: Vec<String> = (0u8..0x80)
+            .map(|byte| char::from(byte).to_string())
+            .collect();
+        texts.push(String::new());
+        texts.push("Here's what we're serving today:\n\nStarters\n- Burrata — 9.00 EUR".to_owned());
+        texts.push("é—€🦀 \"quoted\" back\\slash \u{7f} \u{1f}".to_owned());
+        // One escape at every place of an eight-byte chunk, and at its ends.
+        for escape in ["\"", "\\", "\n", "\u{1}"] {
+            for at in 0..20 {
+                let mut text = "abcdefghijklmnopqrstuvwxyz".to_owned();
+                text.insert_str(at, escape);
+                texts.push(text);
+            }
+        }
+        for text in texts {
+            let mut ours = Vec::new();
+            write_json_string(&mut ours, &text);
+            let theirs = serde_json::to_vec(&text).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_envelope_is_written_as_serde_json_writes_it() {
+        let span = |error, mock| ServiceSpan {
+            service: "menu".to_owned(),
+            status: Some(200),
+            latency_ms: 1.25,
+            attempts: 1,
+            error,
+            mock,
+        };
+        for (data, spans) in [
+            (None, vec![]),
+            (
+                Some(serde_json::json!({"b": [1, 2.5, "x\ny"], "a": null})),
+                vec![
+                    span(None, false),
+                    span(
+                        Some(crate::services::ServiceErrorCode::ServiceTimeout),
+                        true,
+                    ),
+                ],
+            ),
+        ] {
+            let envelope = Envelope {
+                decision: Decision::Reply,
+                reply_text: "Here's the menu:\n- Burrata — 9.00 \"EUR\"".to_owned(),
+                session_id: "s-1".to_owned(),
+                route: "menu".to_owned(),
+                intent: "menu".to_owned(),
+                intent_confidence: 0.875,
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+                service_spans: spans,
+                data,
+            };
+            assert_eq!(
+                String::from_utf8(envelope.to_json().unwrap()).unwrap(),
+                serde_json::to_string(&envelope).unwrap()
+            );
+        }
+    }
 }
