@@ -423,9 +423,14 @@ async fn no_secret_reaches_a_log_line_health_or_an_error_body() {
 }
 
 /// Sends `count` turns, `concurrency` at a time; returns how many were
-/// answered with 200.
-async fn many_turns(harness: &Harness, count: usize, concurrency: usize) -> usize {
+/// answered with 200, and the statuses of the others.
+async fn many_turns(
+    harness: &Harness,
+    count: usize,
+    concurrency: usize,
+) -> (usize, BTreeMap<u16, usize>) {
     let mut answered = 0;
+    let mut others = BTreeMap::new();
     let mut sent = 0;
     while sent < count {
         let wave = concurrency.min(count - sent);
@@ -436,13 +441,16 @@ async fn many_turns(harness: &Harness, count: usize, concurrency: usize) -> usiz
             }))
         }))
         .await;
-        answered += answers
-            .iter()
-            .filter(|answer| answer.status == StatusCode::OK)
-            .count();
+        for answer in &answers {
+            if answer.status == StatusCode::OK {
+                answered += 1;
+            } else {
+                *others.entry(answer.status.as_u16()).or_insert(0) += 1;
+            }
+        }
         sent += wave;
     }
-    answered
+    (answered, others)
 }
 
 const MANY: usize = 10_000;
@@ -452,9 +460,14 @@ const MANY: usize = 10_000;
 async fn turns_survive_an_unusable_loki(loki_url: &str) {
     let limits = small_limits();
     let loki = LokiUnderTest::start(loki_url, limits, "info", false);
-    let harness = Harness::shipped();
-    let answered = many_turns(&harness, MANY, 50).await;
-    assert_eq!(answered, MANY);
+    // The shipped key rate (1,000 a second) is not what this test is
+    // about: turns on this machine can come faster than that.
+    let harness = Harness::new(HarnessOptions {
+        variables: vec![("PER_KEY_RATE", "1000000/s".to_owned())],
+        ..HarnessOptions::default()
+    });
+    let (answered, others) = many_turns(&harness, MANY, 50).await;
+    assert_eq!(answered, MANY, "other statuses: {others:?}");
     let stats = loki.sender.stats();
     assert!(
         stats.peak_lines <= limits.buffer_lines,
