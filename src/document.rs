@@ -140,9 +140,8 @@ fn merge_repeated(members: Vec<(String, Document)>) -> Vec<(String, Document)> {
 }
 
 impl Document {
-    /// Parses a JSON document. The bytes are checked to be UTF-8 once, as
-    /// a whole, and parsed as text: parsing bytes would check every string
-    /// again on its own. Nesting is bounded by `serde_json`'s limit (128).
+    /// Parses a JSON document (`services::parse_json`; nesting is bounded
+    /// by `serde_json`'s limit, 128).
     pub fn parse(bytes: &[u8]) -> Result<Document, String> {
         crate::services::parse_json(bytes)
     }
@@ -162,13 +161,6 @@ impl Document {
                     .map(|(name, value)| (name.to_owned(), value.to_json()))
                     .collect(),
             ),
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Document::String(text) => Some(text),
-            _ => None,
         }
     }
 }

@@ -741,32 +741,26 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &str) {
         let Some(&byte) = bytes.get(at) else {
             break;
         };
-        let plain = bytes.get(start..at).unwrap_or_default();
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => {
+        if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+            at += 1;
+            continue;
+        }
+        out.extend_from_slice(bytes.get(start..at).unwrap_or_default());
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(plain);
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX[usize::from(byte >> 4) & 0xf]);
                 out.push(HEX[usize::from(byte & 0xf)]);
-                at += 1;
-                start = at;
-                continue;
             }
-            _ => {
-                at += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(plain);
-        out.extend_from_slice(escape);
+        }
         at += 1;
         start = at;
     }

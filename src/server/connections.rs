@@ -350,27 +350,18 @@ impl HeadScanner {
             self.seen += 1;
             match byte {
                 b'\n' => {
-                    // A blank line after the request line ends the head.
-                    if !self.line.is_empty() {
-                        self.lines += 1;
-                    } else if self.lines > 0 {
-                        self.done = true;
-                    }
+                    self.end_line(self.line.is_empty());
                     self.line.clear();
                 }
                 b'\r' => {}
                 _ => {
                     if self.line.len() < Self::NAME_PREFIX {
-                        self.line.push(byte.to_ascii_lowercase());
-                        if self.line.ends_with(b":") {
-                            let name = self.line[..self.line.len() - 1].trim_ascii();
-                            match name {
-                                b"content-length" => self.content_length = true,
-                                b"transfer-encoding" => self.transfer_encoding = true,
-                                _ => {}
-                            }
+                        if byte == b':' {
+                            self.note_name();
                             // Past the name: the rest of the line is its value.
                             self.line.resize(Self::NAME_PREFIX, b' ');
+                        } else {
+                            self.line.push(byte.to_ascii_lowercase());
                         }
                     }
                 }
@@ -383,33 +374,39 @@ impl HeadScanner {
     /// byte: `\r` counts for nothing, and the name is what comes before
     /// the first `:` among the line's first `NAME_PREFIX` other bytes.
     fn whole_line(&mut self, line: &[u8]) {
-        if line.iter().all(|&byte| byte == b'\r') {
-            // A blank line after the request line ends the head.
-            if self.lines > 0 {
-                self.done = true;
-            }
-            return;
-        }
-        self.lines += 1;
-        let mut name = [0u8; Self::NAME_PREFIX];
-        let mut length = 0;
+        self.end_line(line.iter().all(|&byte| byte == b'\r'));
         for &byte in line {
             if byte == b'\r' {
                 continue;
             }
-            if length == Self::NAME_PREFIX {
-                return;
+            if self.line.len() == Self::NAME_PREFIX {
+                break;
             }
             if byte == b':' {
-                match name[..length].trim_ascii() {
-                    b"content-length" => self.content_length = true,
-                    b"transfer-encoding" => self.transfer_encoding = true,
-                    _ => {}
-                }
-                return;
+                self.note_name();
+                break;
             }
-            name[length] = byte.to_ascii_lowercase();
-            length += 1;
+            self.line.push(byte.to_ascii_lowercase());
+        }
+        self.line.clear();
+    }
+
+    /// A line ended: one with content counts; a blank one after the
+    /// request line ends the head.
+    fn end_line(&mut self, blank: bool) {
+        if !blank {
+            self.lines += 1;
+        } else if self.lines > 0 {
+            self.done = true;
+        }
+    }
+
+    /// The current line holds a header's name (lower-cased, before its `:`).
+    fn note_name(&mut self) {
+        match self.line.trim_ascii() {
+            b"content-length" => self.content_length = true,
+            b"transfer-encoding" => self.transfer_encoding = true,
+            _ => {}
         }
     }
 
